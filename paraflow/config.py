@@ -1,0 +1,134 @@
+"""Structured-config schemas for every config group, registered with Hydra's ConfigStore.
+
+Each yaml file in conf/ names its schema in its defaults list, so a misspelt key or a value of
+the wrong type fails when Hydra composes the config, naming the key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+class Precision(str, Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+class Placement(str, Enum):
+    compute = "compute"  # the rank's accelerator (or CPU when there is none)
+    cpu = "cpu"
+
+
+class Offload(str, Enum):
+    none = "none"
+    cpu = "cpu"  # move the stage's weights to CPU once the stage is done
+
+
+class Accelerator(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class Arch(str, Enum):
+    sd = "sd"
+    sdxl = "sdxl"
+
+
+@dataclass
+class StageConfig:
+    _target_: str = MISSING
+    inputs: list[str] = field(default_factory=list)
+    outputs: list[str] = field(default_factory=list)
+    precision: Precision = Precision.fp32
+    placement: Placement = Placement.compute
+    offload: Offload = Offload.none
+
+
+@dataclass
+class PipelineConfig:
+    name: str = "txt2img"
+    max_batch: int = 8  # images a rank pushes through the graph at once
+    progress: bool = True
+    stages: dict[str, StageConfig] = field(default_factory=dict)
+
+
+@dataclass
+class TinyModelConfig:
+    _target_: str = "paraflow.models.tiny.build_tiny"
+    name: str = "tiny"
+    arch: Arch = Arch.sd
+    init_seed: int = 0
+    max_tokens: int = 16
+    vocabulary: list[str] | None = None
+    unet: dict[str, Any] = field(default_factory=dict)
+    vae: dict[str, Any] = field(default_factory=dict)
+    text_encoder: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PretrainedModelConfig:
+    _target_: str = "paraflow.models.pretrained.load_pretrained"
+    name: str = "pretrained"
+    path: str = MISSING  # a diffusers pipeline folder, or a hub id when the hub is reachable
+    variant: str | None = None  # e.g. "fp16" for weights saved as *.fp16.safetensors
+    local_files_only: bool = True
+
+
+@dataclass
+class SchedulerConfig:
+    _target_: str = MISSING  # a diffusers scheduler class, built from the model's scheduler config
+    name: str = MISSING
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class LauncherConfig:
+    accelerator: Accelerator = Accelerator.auto
+    devices: int = 1
+    num_nodes: int = 1
+    threads_per_rank: int | None = None  # None: the machine's cores divided among local ranks
+    timeout_s: float = 120.0  # a collective waiting longer than this fails the run
+
+
+@dataclass
+class StrategyConfig:
+    _target_: str = MISSING
+    name: str = MISSING
+
+
+@dataclass
+class RunConfig:
+    model: Any = MISSING
+    scheduler: Any = MISSING
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    strategy: Any = None
+    prompt: Any = "a red circle on the left, blue background"
+    negative_prompt: str | None = None
+    height: int = 64
+    width: int = 64
+    steps: int = 20
+    guidance_scale: float = 5.0
+    seed: int = 0
+    images_per_prompt: int = 1
+    save_latents: bool = False
+    output_dir: str | None = None  # None: Hydra's run directory
+
+
+def register_configs() -> None:
+    """Put the schemas in Hydra's ConfigStore; call before composing (no work at import)."""
+    store = ConfigStore.instance()
+    store.store(name="run_schema", node=RunConfig)
+    store.store(group="schemas/model", name="tiny", node=TinyModelConfig)
+    store.store(group="schemas/model", name="pretrained", node=PretrainedModelConfig)
+    store.store(group="schemas/scheduler", name="scheduler", node=SchedulerConfig)
+    store.store(group="schemas/pipeline", name="pipeline", node=PipelineConfig)
+    store.store(group="schemas/launcher", name="launcher", node=LauncherConfig)
+    store.store(group="schemas/strategy", name="strategy", node=StrategyConfig)

@@ -1,0 +1,27 @@
+"""ParallelContext: who this rank is and how it talks to the others. Built once, passed explicitly."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from paraflow.comm import Communicator
+
+
+@dataclass(frozen=True)
+class ParallelContext:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    comm: Communicator
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def single(cls, device: torch.device | str = "cpu") -> ParallelContext:
+        """A one-rank context, for notebooks and tests that need no processes."""
+        return cls(0, 1, 0, torch.device(device), Communicator(None, 1, 0))

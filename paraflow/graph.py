@@ -1,0 +1,112 @@
+"""The pipeline as a graph of stages, run in dependency order.
+
+A stage is a class with a `components` tuple (the pipeline parts it uses, moved under its policy)
+and `__call__(env, **inputs) -> dict of outputs`. The config names each stage's inputs and
+outputs; the order is derived from those names, not from the order in the file.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+import torch
+from hydra.utils import get_class
+
+from paraflow.errors import ParaflowError
+from paraflow.policy import applied_policy
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
+
+    from paraflow.context import ParallelContext
+    from paraflow.outputs import OutputSink
+    from strategies.base import Strategy
+
+# Values the runner provides before the first stage.
+RUN_INPUTS = ("prompts", "image_ids")
+
+
+class Stage(Protocol):
+    components: tuple[str, ...]
+
+    def __call__(self, env: StageEnv, **inputs: Any) -> dict[str, Any]: ...
+
+
+@dataclass
+class StageEnv:
+    """What every stage may read: the run config, the rank, the model and the strategy."""
+
+    cfg: DictConfig
+    ctx: ParallelContext
+    pipe: Any
+    strategy: Strategy
+    sink: OutputSink
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    dtype: torch.dtype = torch.float32  # set from the running stage's policy
+    seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+
+
+@dataclass
+class StageNode:
+    name: str
+    stage: Stage
+    spec: Any  # StageConfig
+
+
+def execution_order(stages: Mapping[str, Any], provided: Iterable[str] = RUN_INPUTS) -> list[str]:
+    """Names of `stages` in an order where each stage's inputs already exist."""
+    available = set(provided)
+    producers: dict[str, str] = {}
+    for name, spec in stages.items():
+        for out in spec.outputs:
+            if out in producers or out in available:
+                raise ParaflowError(f"pipeline: '{out}' is produced by both "
+                                    f"'{producers.get(out, 'the run')}' and '{name}'")
+            producers[out] = name
+    for name, spec in stages.items():
+        for needed in spec.inputs:
+            if needed not in producers and needed not in available:
+                known = sorted(available | producers.keys())
+                raise ParaflowError(f"pipeline.stages.{name}: input '{needed}' is produced by "
+                                    f"no stage; available: {known}")
+    order: list[str] = []
+    pending = dict(stages)
+    while pending:
+        ready = [n for n, s in pending.items() if all(i in available for i in s.inputs)]
+        if not ready:
+            raise ParaflowError(f"pipeline: stages {sorted(pending)} depend on each other in a cycle")
+        for name in ready:
+            order.append(name)
+            available.update(pending.pop(name).outputs)
+    return order
+
+
+class StageGraph:
+    def __init__(self, nodes: list[StageNode]) -> None:
+        self.nodes = nodes
+
+    @classmethod
+    def from_config(cls, stages: Mapping[str, Any]) -> StageGraph:
+        order = execution_order(stages)
+        return cls([StageNode(n, get_class(stages[n]._target_)(), stages[n]) for n in order])
+
+    def run(self, env: StageEnv, values: dict[str, Any]) -> dict[str, Any]:
+        for node in self.nodes:
+            modules = [getattr(env.pipe, c) for c in node.stage.components
+                       if getattr(env.pipe, c, None) is not None]
+            inputs = {k: values[k] for k in node.spec.inputs}
+            start = time.perf_counter()
+            with applied_policy(node.spec, modules, env.ctx.device) as (env.device, env.dtype):
+                outputs = node.stage(env, **inputs)
+                if env.device.type == "cuda":
+                    torch.cuda.synchronize(env.device)
+            env.seconds[node.name] += time.perf_counter() - start
+            missing = set(node.spec.outputs) - outputs.keys()
+            if missing:
+                raise RuntimeError(f"stage '{node.name}' did not produce {sorted(missing)}")
+            values.update({k: outputs[k] for k in node.spec.outputs})
+        return values

@@ -1,0 +1,76 @@
+"""Starting the ranks with Lightning Fabric.
+
+Ranks on one machine are *spawned* (a worker function in a fresh interpreter), never started by
+re-running the command line: re-execution pairs ranks wrongly under a Hydra `-m` sweep and would
+re-run pytest under a test. Under torchrun or SLURM the ranks already exist and Fabric joins them.
+A rank that raises makes torch.multiprocessing stop the others; a collective that waits past
+`launcher.timeout_s` raises, so a lost rank cannot hang the run.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+from lightning_fabric import Fabric
+from lightning_fabric.strategies import DDPStrategy
+from omegaconf import DictConfig, OmegaConf
+
+from paraflow.comm import Communicator
+from paraflow.context import ParallelContext
+from paraflow.validate import resolve_accelerator
+
+T = TypeVar("T")
+Worker = Callable[[ParallelContext, DictConfig], T]
+
+
+def processes_created_externally() -> bool:
+    """True under torchrun (TorchElastic) or a multi-task SLURM job."""
+    return "TORCHELASTIC_RUN_ID" in os.environ or int(os.environ.get("SLURM_NTASKS", "1")) > 1
+
+
+def threads_for_rank(cfg: DictConfig) -> int:
+    if cfg.launcher.threads_per_rank is not None:
+        return int(cfg.launcher.threads_per_rank)
+    return max(1, (os.cpu_count() or 1) // int(cfg.launcher.devices))
+
+
+def _on_rank(fabric: Fabric, worker: Worker[T], cfg_dict: dict[str, Any]) -> T:
+    cfg = OmegaConf.create(cfg_dict)
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads_for_rank(cfg))
+    group = dist.group.WORLD if fabric.world_size > 1 else None
+    ctx = ParallelContext(
+        rank=fabric.global_rank,
+        world_size=fabric.world_size,
+        local_rank=fabric.local_rank,
+        device=fabric.device,
+        comm=Communicator(group, fabric.world_size, fabric.global_rank),
+    )
+    try:
+        return worker(ctx, cfg)
+    finally:
+        torch.set_num_threads(previous_threads)
+        if fabric.world_size > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def launch(cfg: DictConfig, worker: Worker[T]) -> T:
+    """Run `worker(ctx, cfg)` on every rank; return rank 0's result."""
+    accelerator = resolve_accelerator(cfg)
+    devices, num_nodes = int(cfg.launcher.devices), int(cfg.launcher.num_nodes)
+    strategy: Any = "auto"
+    if devices * num_nodes > 1:
+        strategy = DDPStrategy(
+            start_method="popen" if processes_created_externally() else "spawn",
+            process_group_backend="nccl" if accelerator == "cuda" else "gloo",
+            timeout=timedelta(seconds=float(cfg.launcher.timeout_s)),
+        )
+    fabric = Fabric(accelerator=accelerator, devices=devices, num_nodes=num_nodes,
+                    strategy=strategy)
+    cfg_dict = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    return fabric.launch(_on_rank, worker, cfg_dict)

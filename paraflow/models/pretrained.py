@@ -1,0 +1,72 @@
+"""Diffusers Stable Diffusion 1.x/2.x and SDXL pipeline folders (as `save_pretrained` writes them,
+safetensors weights), or hub ids when the hub is reachable."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+from paraflow.errors import ParaflowError
+
+SUPPORTED = {
+    "StableDiffusionPipeline": StableDiffusionPipeline,
+    "StableDiffusionXLPipeline": StableDiffusionXLPipeline,
+}
+REQUIRED = {
+    "StableDiffusionPipeline": ("unet", "vae", "text_encoder", "tokenizer", "scheduler"),
+    "StableDiffusionXLPipeline": ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer",
+                                  "tokenizer_2", "scheduler"),
+}
+
+
+def looks_like_hub_id(path: str) -> bool:
+    return path.count("/") == 1 and not path.startswith((".", "/", "~")) and not Path(path).exists()
+
+
+def inspect_folder(path: str) -> tuple[str, dict[str, Any]]:
+    """Check a local pipeline folder before anything loads; return its class and VAE config."""
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise ParaflowError(f"model.path={path}: no such folder. Give a diffusers pipeline folder "
+                            "(with model_index.json, as save_pretrained writes it) or a hub id")
+    index_file = folder / "model_index.json"
+    if not index_file.is_file():
+        raise ParaflowError(f"model.path={path}: model_index.json is missing, so this is not a "
+                            "diffusers pipeline folder")
+    class_name = json.loads(index_file.read_text()).get("_class_name", "?")
+    if class_name not in SUPPORTED:
+        raise ParaflowError(f"model.path={path}: pipeline class {class_name} is not supported; "
+                            f"supported: {', '.join(SUPPORTED)}")
+    missing = [part for part in REQUIRED[class_name] if not (folder / part).is_dir()]
+    if missing:
+        raise ParaflowError(f"model.path={path}: incomplete {class_name} folder, missing "
+                            f"{', '.join(missing)}")
+    vae_config = folder / "vae" / "config.json"
+    if not vae_config.is_file():
+        raise ParaflowError(f"model.path={path}: vae/config.json is missing")
+    return class_name, json.loads(vae_config.read_text())
+
+
+def load_pretrained(path: str, variant: str | None = None, local_files_only: bool = True) -> Any:
+    if looks_like_hub_id(path):
+        from diffusers import DiffusionPipeline
+
+        try:
+            pipe = DiffusionPipeline.from_pretrained(path, variant=variant, use_safetensors=True,
+                                                     local_files_only=local_files_only)
+        except (OSError, ValueError) as err:
+            raise ParaflowError(f"model.path={path}: could not load from the hub or its cache "
+                                f"({err.__class__.__name__}: {str(err).splitlines()[0]})") from None
+        if type(pipe).__name__ not in SUPPORTED:
+            raise ParaflowError(f"model.path={path}: {type(pipe).__name__} is not supported")
+        return pipe
+    class_name, _ = inspect_folder(path)
+    extra: dict[str, Any] = {}
+    if class_name == "StableDiffusionPipeline":
+        extra = {"safety_checker": None, "feature_extractor": None,
+                 "requires_safety_checker": False}
+    return SUPPORTED[class_name].from_pretrained(path, variant=variant, use_safetensors=True,
+                                                 **extra)

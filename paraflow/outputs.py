@@ -1,0 +1,98 @@
+"""Run outputs: images/NNNN.png, run.json, latents.safetensors. Written whole or not at all.
+
+Images go to a hidden staging folder (each file written then renamed), which becomes `images/`
+in one rename once all are there; run.json is written last. A run dir that already holds a run is
+refused, so nothing earlier is overwritten.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from paraflow.errors import ParaflowError
+
+RESULT_NAMES = ("images", "run.json", "latents.safetensors")
+
+
+@dataclass
+class OutputSink:
+    """The images (and latents) this rank made, keyed by global image index. The shapes let a
+    rank that made no image still take part in a gather."""
+
+    image_shape: tuple[int, ...] = (0, 0, 3)
+    latent_shape: tuple[int, ...] = (0, 0, 0)
+    keep_latents: bool = False
+    images: dict[int, np.ndarray] = field(default_factory=dict)
+    latents: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def add(self, ids: list[int], images: np.ndarray, latents: torch.Tensor | None) -> None:
+        for row, image_id in enumerate(ids):
+            self.images[image_id] = images[row]
+            if latents is not None:
+                self.latents[image_id] = latents[row]
+
+    def stacked_images(self, ids: list[int]) -> np.ndarray:
+        if not ids:
+            return np.zeros((0, *self.image_shape), dtype=np.uint8)
+        return np.stack([self.images[i] for i in ids])
+
+    def stacked_latents(self, ids: list[int]) -> torch.Tensor:
+        if not ids:
+            return torch.zeros((0, *self.latent_shape))
+        return torch.stack([self.latents[i] for i in ids])
+
+
+def check_output_dir(run_dir: str | Path) -> None:
+    """Refuse a folder that already holds the results of a run."""
+    taken = [name for name in RESULT_NAMES if (Path(run_dir) / name).exists()]
+    if taken:
+        raise ParaflowError(f"output_dir={run_dir} already holds a run ({', '.join(taken)}); "
+                            "choose a new output_dir, nothing is overwritten")
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_outputs(run_dir: str | Path, sink: OutputSink, record: dict[str, Any]) -> list[str]:
+    """Write images in index order, latents if present, then run.json. Returns image paths."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    check_output_dir(run_dir)
+    staging = Path(tempfile.mkdtemp(dir=run_dir, prefix=".images."))
+    try:
+        names = []
+        for position, image_id in enumerate(sorted(sink.images)):
+            name = f"{position:04d}.png"
+            Image.fromarray(sink.images[image_id]).save(staging / name)
+            names.append(f"images/{name}")
+        if sink.keep_latents:
+            stacked = sink.stacked_latents(sorted(sink.latents)).contiguous()
+            _atomic_write(run_dir / "latents.safetensors",
+                          lambda tmp: save_file({"latents": stacked}, tmp))
+        staging.rename(run_dir / "images")
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    record = {**record, "images": names}
+    _atomic_write(run_dir / "run.json",
+                  lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2, default=str)))
+    return names

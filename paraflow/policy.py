@@ -1,0 +1,43 @@
+"""Stage policies: where a stage runs, in which precision, and whether its weights leave the
+compute device afterwards."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+
+from paraflow.config import Offload, Placement, Precision
+
+DTYPES = {Precision.fp32: torch.float32, Precision.bf16: torch.bfloat16,
+          Precision.fp16: torch.float16}
+
+
+@contextmanager
+def applied_policy(
+    spec: object, modules: list[torch.nn.Module], compute_device: torch.device
+) -> Iterator[tuple[torch.device, torch.dtype]]:
+    """Move `modules` to the stage's device and dtype; offload them afterwards if asked."""
+    placement = Placement(getattr(spec, "placement"))
+    device = compute_device if placement is Placement.compute else torch.device("cpu")
+    dtype = DTYPES[Precision(getattr(spec, "precision"))]
+    for module in modules:
+        _move(module, device, dtype)
+    try:
+        yield device, dtype
+    finally:
+        if Offload(getattr(spec, "offload")) is Offload.cpu:
+            for module in modules:
+                module.to("cpu")
+
+
+def _move(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """Move only when something changes (diffusers warns on every dtype cast, even a no-op)."""
+    first = next(module.parameters(), None)
+    if first is None or (first.device == device and first.dtype == dtype):
+        return
+    if first.dtype == dtype:
+        module.to(device=device)
+    else:
+        module.to(device=device, dtype=dtype)

@@ -1,0 +1,31 @@
+"""Strategies are plugins found through the entry-point group `paraflow.strategies`."""
+
+from __future__ import annotations
+
+from importlib.metadata import EntryPoint, entry_points
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from paraflow.errors import ParaflowError
+
+GROUP = "paraflow.strategies"
+
+
+def available_strategies() -> dict[str, EntryPoint]:
+    return {ep.name: ep for ep in entry_points(group=GROUP)}
+
+
+def build_strategy(strategy_cfg: DictConfig | None) -> Any:
+    """The strategy object for a `strategy` config (None: one device)."""
+    found = available_strategies()
+    name = "single" if strategy_cfg is None else str(strategy_cfg.name)
+    if name not in found:
+        raise ParaflowError(f"strategy.name={name} is not an installed strategy; installed: "
+                            f"{', '.join(sorted(found))} (entry-point group {GROUP})")
+    options: dict[str, Any] = {}
+    if strategy_cfg is not None:
+        container = OmegaConf.to_container(strategy_cfg, resolve=True, enum_to_str=True)
+        assert isinstance(container, dict)
+        options = {k: v for k, v in container.items() if k not in ("_target_", "name")}
+    return found[name].load()(**options)

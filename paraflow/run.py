@@ -1,0 +1,107 @@
+"""What every rank does: load the model, let the strategy lay it out, push this rank's images
+through the stage graph in batches, gather, and (rank 0) write the outputs."""
+
+from __future__ import annotations
+
+import math
+import platform
+import resource
+import time
+from importlib.metadata import version
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from paraflow.adapters import vae_scale_factor
+from paraflow.context import ParallelContext
+from paraflow.graph import StageEnv, StageGraph
+from paraflow.models import load_pipeline
+from paraflow.outputs import OutputSink, write_outputs
+from paraflow.registry import build_strategy
+from paraflow.validate import prompts_of
+
+FAULT_ENV = "PARAFLOW_FAIL_RANK"  # tests: make this rank raise mid-run
+
+
+def expanded_prompts(cfg: DictConfig) -> list[str]:
+    """One prompt per image, in output order: each prompt repeated images_per_prompt times."""
+    return [p for p in prompts_of(cfg) for _ in range(int(cfg.images_per_prompt))]
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def versions() -> dict[str, str]:
+    names = ("torch", "diffusers", "transformers", "lightning-fabric", "hydra-core")
+    return {"python": platform.python_version(), **{n: version(n) for n in names}}
+
+
+def _maybe_fail(ctx: ParallelContext) -> None:
+    import os
+
+    if os.environ.get(FAULT_ENV) == str(ctx.rank):
+        raise RuntimeError(f"injected failure on rank {ctx.rank} ({FAULT_ENV})")
+
+
+def run_on_rank(ctx: ParallelContext, cfg: DictConfig) -> dict[str, Any] | None:
+    pipe = load_pipeline(cfg.model, cfg.scheduler)
+    strategy = build_strategy(cfg.strategy)
+    strategy.setup(ctx)
+    strategy.parallelize(pipe, ctx)
+    prompts = expanded_prompts(cfg)
+    mine = strategy.assign_images(len(prompts), ctx)
+    factor = vae_scale_factor(pipe)
+    latent_shape = (pipe.unet.config.in_channels, cfg.height // factor, cfg.width // factor)
+    sink = OutputSink((cfg.height, cfg.width, 3), latent_shape, bool(cfg.save_latents))
+    env = StageEnv(cfg=cfg, ctx=ctx, pipe=pipe, strategy=strategy, sink=sink)
+    graph = StageGraph.from_config(cfg.pipeline.stages)
+    batch = int(cfg.pipeline.max_batch)
+
+    ctx.comm.barrier()  # time the generation only, from a common start
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for first in range(0, len(mine), batch):
+            ids = mine[first:first + batch]
+            graph.run(env, {"prompts": [prompts[i] for i in ids], "image_ids": ids})
+            _maybe_fail(ctx)
+        gathered = strategy.gather(sink, ctx)
+    latency = time.perf_counter() - start
+
+    comm_bytes = ctx.comm.total_bytes
+    per_step = {str(k): v for k, v in ctx.comm.bytes_by_step.items()}
+    stats = ctx.comm.gather_objects(
+        {"comm_bytes": comm_bytes, "comm_bytes_per_step": per_step,
+         "peak_memory_bytes": peak_memory_bytes(ctx.device), "latency_s": latency,
+         "stages": dict(env.seconds), "n_images": len(mine)})
+    if not ctx.is_main:
+        return None
+    record = {
+        "strategy": strategy.name,
+        "world_size": ctx.world_size,
+        "model": cfg.model.name,
+        "height": cfg.height,
+        "width": cfg.width,
+        "steps": cfg.steps,
+        "n_images": len(prompts),
+        "latency_s": max(s["latency_s"] for s in stats),
+        "images_per_s": len(prompts) / max(s["latency_s"] for s in stats),
+        "stages": dict(env.seconds),
+        "comm_bytes": [s["comm_bytes"] for s in stats],
+        "comm_bytes_per_step": [s["comm_bytes_per_step"] for s in stats],
+        "peak_memory_bytes": [s["peak_memory_bytes"] for s in stats],
+        "images_per_rank": [s["n_images"] for s in stats],
+        "threads_per_rank": torch.get_num_threads(),
+        "device": str(ctx.device),
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "versions": versions(),
+    }
+    images = write_outputs(cfg.output_dir, gathered, record)
+    return {**record, "images": images, "output_dir": cfg.output_dir}
+
+
+def batches_needed(n_images: int, world_size: int, max_batch: int) -> int:
+    return math.ceil(math.ceil(n_images / world_size) / max_batch)

@@ -1,0 +1,1 @@
+"""The stages of the text-to-image graph, one file each."""

@@ -1,0 +1,39 @@
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from paraflow.adapters import Conditioning, denoiser_forward, uses_guidance
+from paraflow.graph import StageEnv
+
+
+class Denoise:
+    """The sampling loop: scheduler steps, classifier-free guidance, a per-step strategy hook."""
+
+    components = ("unet",)
+
+    def __call__(self, env: StageEnv, initial_latents: torch.Tensor,
+                 conditioning: Conditioning) -> dict[str, Any]:
+        cfg, comm = env.cfg, env.ctx.comm
+        unet = env.pipe.unet
+        scheduler = copy.deepcopy(env.pipe.scheduler)  # it keeps per-run state (step index)
+        scheduler.set_timesteps(cfg.steps, device=env.device)
+        guidance = uses_guidance(env.pipe, cfg.guidance_scale)
+        cond = conditioning.to(env.device, env.dtype)
+        latents = initial_latents.float() * scheduler.init_noise_sigma
+        show = cfg.pipeline.progress and env.ctx.is_main
+        for step, t in enumerate(tqdm(scheduler.timesteps, disable=not show, desc="denoise")):
+            comm.step = step
+            env.strategy.on_step(step, env.ctx)
+            model_input = torch.cat([latents] * 2) if guidance else latents
+            model_input = scheduler.scale_model_input(model_input, t)
+            noise = denoiser_forward(unet, model_input.to(env.dtype), t, cond).float()
+            if guidance:
+                uncond, text = noise.chunk(2)
+                noise = uncond + cfg.guidance_scale * (text - uncond)
+            latents = scheduler.step(noise, t, latents, return_dict=False)[0]
+        comm.step = None
+        return {"latents": latents}

@@ -1,0 +1,23 @@
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from paraflow.adapters import vae_scale_factor
+from paraflow.graph import StageEnv
+
+
+class PrepareLatents:
+    """Initial noise. Image i draws from a CPU generator seeded `seed + i`, so an image does not
+    depend on which rank makes it or what it is batched with (diffusers, given the same list of
+    generators, draws the same noise)."""
+
+    components = ()
+
+    def __call__(self, env: StageEnv, image_ids: list[int]) -> dict[str, Any]:
+        cfg, factor = env.cfg, vae_scale_factor(env.pipe)
+        shape = (1, env.pipe.unet.config.in_channels, cfg.height // factor, cfg.width // factor)
+        noise = [torch.randn(shape, generator=torch.Generator("cpu").manual_seed(cfg.seed + i))
+                 for i in image_ids]
+        return {"initial_latents": torch.cat(noise).to(env.device)}

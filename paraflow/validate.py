@@ -1,0 +1,77 @@
+"""Checks on a composed config, run before any rank starts, each naming the bad value."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+from paraflow.errors import ParaflowError
+from paraflow.graph import execution_order
+from paraflow.models.pretrained import inspect_folder, looks_like_hub_id
+from paraflow.outputs import check_output_dir
+from paraflow.registry import build_strategy
+
+
+def prompts_of(cfg: DictConfig) -> list[str]:
+    prompt = cfg.prompt
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt or [])
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ParaflowError(f"prompt={prompt!r}: give a string or a non-empty list of strings")
+    return prompts
+
+
+def model_factor(model_cfg: DictConfig) -> int:
+    """Pixels per latent cell (the VAE's downsampling), read from config, no weights loaded."""
+    if "vae" in model_cfg:
+        return int(2 ** (len(model_cfg.vae.block_out_channels) - 1))
+    path = str(model_cfg.path)
+    if looks_like_hub_id(path):
+        return 8  # every hub SD/SDXL VAE; checked again once loaded
+    _, vae_config = inspect_folder(path)
+    return int(2 ** (len(vae_config.get("block_out_channels", [0] * 4)) - 1))
+
+
+def resolve_accelerator(cfg: DictConfig) -> str:
+    wanted = str(getattr(cfg.launcher.accelerator, "value", cfg.launcher.accelerator))
+    if wanted == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if wanted == "cuda" and not torch.cuda.is_available():
+        raise ParaflowError("launcher.accelerator=cuda but no CUDA device is visible; "
+                            "use launcher.accelerator=cpu or auto")
+    return wanted
+
+
+def validate(cfg: DictConfig, output_dir: str | Path | None) -> None:
+    prompts_of(cfg)
+    for key in ("steps", "images_per_prompt"):
+        if int(cfg[key]) < 1:
+            raise ParaflowError(f"{key}={cfg[key]}: must be at least 1")
+    if float(cfg.guidance_scale) < 0:
+        raise ParaflowError(f"guidance_scale={cfg.guidance_scale}: must be >= 0 "
+                            "(values <= 1 turn classifier-free guidance off)")
+    factor = model_factor(cfg.model)
+    for key in ("height", "width"):
+        value = int(cfg[key])
+        if value <= 0 or value % factor:
+            raise ParaflowError(f"{key}={value}: must be a positive multiple of {factor} for "
+                                f"model {cfg.model.name} (e.g. {max(factor, value // factor * factor)})")
+    launcher = cfg.launcher
+    for key in ("devices", "num_nodes"):
+        if int(launcher[key]) < 1:
+            raise ParaflowError(f"launcher.{key}={launcher[key]}: must be at least 1")
+    if launcher.threads_per_rank is not None and int(launcher.threads_per_rank) < 1:
+        raise ParaflowError(f"launcher.threads_per_rank={launcher.threads_per_rank}: must be >= 1")
+    if float(launcher.timeout_s) <= 0:
+        raise ParaflowError(f"launcher.timeout_s={launcher.timeout_s}: must be > 0")
+    if int(cfg.pipeline.max_batch) < 1:
+        raise ParaflowError(f"pipeline.max_batch={cfg.pipeline.max_batch}: must be at least 1")
+    if resolve_accelerator(cfg) == "cuda" and launcher.devices > torch.cuda.device_count():
+        raise ParaflowError(f"launcher.devices={launcher.devices} but this machine has "
+                            f"{torch.cuda.device_count()} CUDA device(s); "
+                            f"use 1..{torch.cuda.device_count()}")
+    build_strategy(cfg.strategy)
+    execution_order(cfg.pipeline.stages)
+    if output_dir is not None:
+        check_output_dir(output_dir)

@@ -1,0 +1,9 @@
+"""One device: the strategy used when none is given."""
+
+from __future__ import annotations
+
+from strategies.base import ReplicatedModel
+
+
+class SingleDevice(ReplicatedModel):
+    name = "single"
