@@ -13,9 +13,7 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
-from torch.multiprocessing import ProcessRaisedException
 
-from paraflow.api import generate
 from paraflow.config import register_configs
 from paraflow.errors import ParaflowError
 
@@ -28,6 +26,11 @@ def _remove_if_only_hydra(run_dir: Path) -> None:
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    # Imported here so that a config Hydra refuses fails fast, before torch and diffusers load.
+    from torch.multiprocessing import ProcessRaisedException
+
+    from paraflow.api import generate
+
     hydra_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         result = generate(cfg, cfg.output_dir or hydra_dir)

@@ -1,0 +1,53 @@
+"""Shared fixtures: composing configs, running paraflow in-process or as the CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+from safetensors.torch import load_file
+
+from paraflow.api import compose, generate
+
+REPO = Path(__file__).resolve().parent.parent
+FAST = ["steps=3", "pipeline.progress=false"]
+
+
+def run_paraflow(out_dir: Path, overrides: Sequence[str]) -> dict[str, Any]:
+    """Compose with `overrides` (plus the fast defaults) and run, in this process or spawned ranks."""
+    return generate(compose([*FAST, *overrides]), out_dir)
+
+
+def run_cli(args: Sequence[str], env: dict[str, str] | None = None,
+            timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "paraflow", *args], cwd=REPO, text=True,
+                          capture_output=True, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def read_images(out_dir: Path) -> list[np.ndarray]:
+    return [np.asarray(Image.open(p)) for p in sorted((out_dir / "images").glob("*.png"))]
+
+
+def read_latents(out_dir: Path) -> Any:
+    return load_file(str(out_dir / "latents.safetensors"))["latents"]
+
+
+@pytest.fixture(scope="session")
+def tiny_folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The tiny SD and SDXL models written with diffusers' save_pretrained (safetensors)."""
+    from paraflow.models import load_pipeline
+
+    root = tmp_path_factory.mktemp("models")
+    folders = {}
+    for name in ("tiny", "tiny_xl"):
+        pipe = load_pipeline(compose([f"model={name}"]).model)
+        pipe.save_pretrained(root / name, safe_serialization=True)
+        folders[name] = root / name
+    return folders
