@@ -77,7 +77,7 @@ def denoiser_forward(
 
 
 def latents_to_vae_input(vae: Any, latents: torch.Tensor) -> torch.Tensor:
-    """Undo the latent normalisation the VAE was trained with (mean/std where the config has them)."""
+    """Undo the latent normalisation the VAE was trained with (mean/std where given)."""
     config = vae.config
     mean = getattr(config, "latents_mean", None)
     std = getattr(config, "latents_std", None)

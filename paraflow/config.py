@@ -11,7 +11,7 @@ from enum import Enum
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 
 
 class Precision(str, Enum):
@@ -36,6 +36,20 @@ class Accelerator(str, Enum):
     cuda = "cuda"
 
 
+class StageParallel(str, Enum):
+    none = "none"  # every rank runs the stage on its own inputs
+    patch = "patch"  # the ranks share one image, one band of rows each (patch strategies)
+
+
+class GroupNormMode(str, Enum):
+    """GroupNorm statistics after warm-up in displaced patch parallelism."""
+
+    corrected_async = "corrected_async"  # previous step's global + (fresh − previous) own
+    stale = "stale"  # the previous step's global statistics
+    sync = "sync"  # fresh global statistics every step (an all-gather per GroupNorm)
+    separate = "separate"  # this band's statistics only
+
+
 class Arch(str, Enum):
     sd = "sd"
     sdxl = "sdxl"
@@ -49,6 +63,7 @@ class StageConfig:
     precision: Precision = Precision.fp32
     placement: Placement = Placement.compute
     offload: Offload = Offload.none
+    parallel: StageParallel = StageParallel.none
 
 
 @dataclass
@@ -89,18 +104,60 @@ class SchedulerConfig:
 
 
 @dataclass
+class LinkConfig:
+    """A modeled interconnect; bandwidth_gb_s=null means the real transport only."""
+
+    bandwidth_gb_s: float | None = None  # GB/s (1e9 bytes/s)
+    latency_us: float = 0.0  # per message
+
+
+@dataclass
 class LauncherConfig:
     accelerator: Accelerator = Accelerator.auto
     devices: int = 1
     num_nodes: int = 1
     threads_per_rank: int | None = None  # None: the machine's cores divided among local ranks
     timeout_s: float = 120.0  # a collective waiting longer than this fails the run
+    link: LinkConfig = field(default_factory=LinkConfig)
 
 
 @dataclass
 class StrategyConfig:
     _target_: str = MISSING
     name: str = MISSING
+
+
+class TensorStyle(str, Enum):
+    """How strategy=tensor splits one module (see strategies/tensor.py)."""
+
+    colwise = "colwise"  # linear by output features
+    colwise_gated = "colwise_gated"  # gated linear (GEGLU) by output features, halves kept paired
+    rowwise = "rowwise"  # linear by input features; its output all-reduced
+    heads = "heads"  # attention module: told it has heads/N heads
+    conv_out = "conv_out"  # conv by output channels
+    conv_in = "conv_in"  # conv by input channels; its output all-reduced
+    groupnorm = "groupnorm"  # GroupNorm along whole groups
+
+
+@dataclass
+class TensorStrategyConfig(StrategyConfig):
+    _target_: str = "strategies.tensor.TensorStrategy"
+    name: str = "tensor"
+    component: str = "unet"  # the pipeline module to split
+    plan: dict[str, TensorStyle] = field(default_factory=dict)  # module-name glob -> style
+
+
+@dataclass
+class PatchStrategyConfig(StrategyConfig):
+    cfg_split: bool = False  # guidance branches on two halves of the ranks, bands inside each
+
+
+@dataclass
+class DisplacedPatchConfig(PatchStrategyConfig):
+    warmup_steps: int = 4  # synchronous steps after the first
+    groupnorm: GroupNormMode = GroupNormMode.corrected_async
+    frozen: bool = False  # no refresh after warm-up: the no-communication ideal
+    bucket_mb: float = 4.0  # pieces packed into one asynchronous all-gather
 
 
 @dataclass
@@ -122,6 +179,14 @@ class RunConfig:
     output_dir: str | None = None  # None: Hydra's run directory
 
 
+def plain_dict(node: Any) -> dict[str, Any]:
+    """A config node as a plain dict (enums as their names), for passing on as kwargs."""
+    container = OmegaConf.to_container(node, resolve=True, enum_to_str=True)
+    if not isinstance(container, dict):
+        raise TypeError(f"expected a mapping config node, got {type(container).__name__}")
+    return {str(k): v for k, v in container.items()}
+
+
 def register_configs() -> None:
     """Put the schemas in Hydra's ConfigStore; call before composing (no work at import)."""
     store = ConfigStore.instance()
@@ -132,3 +197,6 @@ def register_configs() -> None:
     store.store(group="schemas/pipeline", name="pipeline", node=PipelineConfig)
     store.store(group="schemas/launcher", name="launcher", node=LauncherConfig)
     store.store(group="schemas/strategy", name="strategy", node=StrategyConfig)
+    store.store(group="schemas/strategy", name="patch", node=PatchStrategyConfig)
+    store.store(group="schemas/strategy", name="displaced_patch", node=DisplacedPatchConfig)
+    store.store(group="schemas/strategy", name="tensor", node=TensorStrategyConfig)

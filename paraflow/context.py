@@ -1,4 +1,4 @@
-"""ParallelContext: who this rank is and how it talks to the others. Built once, passed explicitly."""
+"""ParallelContext: who this rank is and how it talks to the others. Built once, passed on."""
 
 from __future__ import annotations
 

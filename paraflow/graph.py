@@ -47,6 +47,7 @@ class StageEnv:
     sink: OutputSink
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     dtype: torch.dtype = torch.float32  # set from the running stage's policy
+    spec: Any = None  # the running stage's config (StageConfig)
     seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
 
 
@@ -78,7 +79,7 @@ def execution_order(stages: Mapping[str, Any], provided: Iterable[str] = RUN_INP
     while pending:
         ready = [n for n, s in pending.items() if all(i in available for i in s.inputs)]
         if not ready:
-            raise ParaflowError(f"pipeline: stages {sorted(pending)} depend on each other in a cycle")
+            raise ParaflowError(f"pipeline: stages {sorted(pending)} form a cycle")
         for name in ready:
             order.append(name)
             available.update(pending.pop(name).outputs)
@@ -100,6 +101,7 @@ class StageGraph:
                        if getattr(env.pipe, c, None) is not None]
             inputs = {k: values[k] for k in node.spec.inputs}
             start = time.perf_counter()
+            env.spec = node.spec
             with applied_policy(node.spec, modules, env.ctx.device) as (env.device, env.dtype):
                 outputs = node.stage(env, **inputs)
                 if env.device.type == "cuda":

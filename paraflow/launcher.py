@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from datetime import timedelta
+from functools import partial
 from typing import Any, TypeVar
 
 import torch
@@ -21,6 +22,7 @@ from lightning_fabric.strategies import DDPStrategy
 from omegaconf import DictConfig, OmegaConf
 
 from paraflow.comm import Communicator
+from paraflow.config import plain_dict
 from paraflow.context import ParallelContext
 from paraflow.validate import resolve_accelerator
 
@@ -72,5 +74,5 @@ def launch(cfg: DictConfig, worker: Worker[T]) -> T:
         )
     fabric = Fabric(accelerator=accelerator, devices=devices, num_nodes=num_nodes,
                     strategy=strategy)
-    cfg_dict = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-    return fabric.launch(_on_rank, worker, cfg_dict)
+    cfg_dict = plain_dict(cfg)
+    return fabric.launch(partial(_on_rank, worker=worker, cfg_dict=cfg_dict))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 
@@ -16,18 +17,18 @@ DTYPES = {Precision.fp32: torch.float32, Precision.bf16: torch.bfloat16,
 
 @contextmanager
 def applied_policy(
-    spec: object, modules: list[torch.nn.Module], compute_device: torch.device
+    spec: Any, modules: list[torch.nn.Module], compute_device: torch.device
 ) -> Iterator[tuple[torch.device, torch.dtype]]:
     """Move `modules` to the stage's device and dtype; offload them afterwards if asked."""
-    placement = Placement(getattr(spec, "placement"))
+    placement = Placement(spec.placement)
     device = compute_device if placement is Placement.compute else torch.device("cpu")
-    dtype = DTYPES[Precision(getattr(spec, "precision"))]
+    dtype = DTYPES[Precision(spec.precision)]
     for module in modules:
         _move(module, device, dtype)
     try:
         yield device, dtype
     finally:
-        if Offload(getattr(spec, "offload")) is Offload.cpu:
+        if Offload(spec.offload) is Offload.cpu:
             for module in modules:
                 module.to("cpu")
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
+from paraflow.config import plain_dict
 from paraflow.errors import ParaflowError
 
 GROUP = "paraflow.strategies"
@@ -25,7 +26,6 @@ def build_strategy(strategy_cfg: DictConfig | None) -> Any:
                             f"{', '.join(sorted(found))} (entry-point group {GROUP})")
     options: dict[str, Any] = {}
     if strategy_cfg is not None:
-        container = OmegaConf.to_container(strategy_cfg, resolve=True, enum_to_str=True)
-        assert isinstance(container, dict)
-        options = {k: v for k, v in container.items() if k not in ("_target_", "name")}
+        options = {k: v for k, v in plain_dict(strategy_cfg).items()
+                   if k not in ("_target_", "name")}
     return found[name].load()(**options)

@@ -55,8 +55,9 @@ def validate(cfg: DictConfig, output_dir: str | Path | None) -> None:
     for key in ("height", "width"):
         value = int(cfg[key])
         if value <= 0 or value % factor:
+            nearest = max(factor, value // factor * factor)
             raise ParaflowError(f"{key}={value}: must be a positive multiple of {factor} for "
-                                f"model {cfg.model.name} (e.g. {max(factor, value // factor * factor)})")
+                                f"model {cfg.model.name} (e.g. {nearest})")
     launcher = cfg.launcher
     for key in ("devices", "num_nodes"):
         if int(launcher[key]) < 1:
@@ -71,7 +72,17 @@ def validate(cfg: DictConfig, output_dir: str | Path | None) -> None:
         raise ParaflowError(f"launcher.devices={launcher.devices} but this machine has "
                             f"{torch.cuda.device_count()} CUDA device(s); "
                             f"use 1..{torch.cuda.device_count()}")
-    build_strategy(cfg.strategy)
+    strategy = build_strategy(cfg.strategy)
+    check = getattr(strategy, "validate", None)  # optional: a strategy's own pre-launch checks
+    if callable(check):
+        check(cfg)
     execution_order(cfg.pipeline.stages)
+    world = int(launcher.devices) * int(launcher.num_nodes)
+    for name, spec in cfg.pipeline.stages.items():
+        parallel = str(getattr(spec.get("parallel", "none"), "value", spec.get("parallel", "none")))
+        if parallel == "patch" and world > 1 and not getattr(strategy, "replicated_latents", False):
+            raise ParaflowError(f"pipeline.stages.{name}.parallel=patch needs every rank to hold "
+                                "the same image: use a patch strategy (+strategy=sync_patch, "
+                                "displaced_patch, distrifusion, naive_patch) or parallel=none")
     if output_dir is not None:
         check_output_dir(output_dir)

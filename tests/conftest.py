@@ -21,7 +21,7 @@ FAST = ["steps=3", "pipeline.progress=false"]
 
 
 def run_paraflow(out_dir: Path, overrides: Sequence[str]) -> dict[str, Any]:
-    """Compose with `overrides` (plus the fast defaults) and run, in this process or spawned ranks."""
+    """Compose `overrides` (plus the fast defaults) and run: in-process or spawned ranks."""
     return generate(compose([*FAST, *overrides]), out_dir)
 
 
