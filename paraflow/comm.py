@@ -3,23 +3,80 @@
 Bytes are what this rank puts on the wire under a ring algorithm: an all-gather of an n-byte
 piece sends n·(W−1); an all-reduce of n bytes sends 2·n·(W−1)/W; a broadcast from the source
 sends n·(W−1) (other ranks 0). They are kept per denoising step (`step`, set by the loop) and in
-total; bookkeeping outside the loop is counted under step None.
+total; bookkeeping outside the loop is counted under step None. A subgroup communicator
+(`split`) counts into its parent's books, under the parent's step.
+
+A link model (`LinkModel`, `launcher.link`) adds bytes / bandwidth + latency of wall time to each
+transfer, on a serial link clock: a synchronous collective sleeps it out before returning, an
+asynchronous one only when its handle is waited (the sleep uses no core, as a copy engine would).
 """
 
 from __future__ import annotations
 
+import threading
+import time
 from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 
+@dataclass
+class LinkModel:
+    """A modeled interconnect: `bandwidth` bytes/s and `latency_s` per message."""
+
+    bandwidth: float
+    latency_s: float
+
+    def __post_init__(self) -> None:
+        self._free_at = 0.0
+        self._lock = threading.Lock()
+
+    def reserve(self, nbytes: float) -> float:
+        """Book a transfer on the link; return the wall-clock time it completes."""
+        with self._lock:
+            start = max(time.perf_counter(), self._free_at)
+            self._free_at = start + nbytes / self.bandwidth + self.latency_s
+            return self._free_at
+
+    @staticmethod
+    def wait_until(deadline: float) -> None:
+        remaining = deadline - time.perf_counter()
+        if remaining > 0:
+            time.sleep(remaining)
+
+    def label(self) -> str:
+        return f"modeled: {self.bandwidth / 1e9:g} GB/s, {self.latency_s * 1e6:g} us/message"
+
+
+class GatherHandle:
+    """An all-gather in flight; `wait()` returns every rank's piece in rank order."""
+
+    def __init__(self, work: Any, pieces: list[torch.Tensor], deadline: float | None) -> None:
+        self._work, self._pieces, self._deadline = work, pieces, deadline
+        self.done = False
+
+    def wait(self) -> list[torch.Tensor]:
+        if not self.done:
+            if self._work is not None:
+                self._work.wait()
+            if self._deadline is not None:
+                LinkModel.wait_until(self._deadline)
+            self.done = True
+        return self._pieces
+
+
 class Communicator:
-    def __init__(self, group: dist.ProcessGroup | None, world_size: int, rank: int) -> None:
+    def __init__(self, group: dist.ProcessGroup | None, world_size: int, rank: int,
+                 link: LinkModel | None = None, parent: Communicator | None = None) -> None:
         self.group = group
         self.world_size = world_size
         self.rank = rank
+        self.link = link
+        self.parent = parent
         self.step: int | None = None
         self.bytes_by_step: dict[int | None, int] = defaultdict(int)
         self.calls = 0
@@ -28,9 +85,18 @@ class Communicator:
     def total_bytes(self) -> int:
         return sum(self.bytes_by_step.values())
 
-    def _count(self, nbytes: float) -> None:
+    def _count(self, nbytes: float) -> float | None:
+        """Book `nbytes`; return the modeled link's completion time (None: real transport)."""
+        if self.parent is not None:
+            return self.parent._count(nbytes)
         self.bytes_by_step[self.step] += int(nbytes)
         self.calls += 1
+        return self.link.reserve(nbytes) if self.link is not None else None
+
+    @staticmethod
+    def _settle(deadline: float | None) -> None:
+        if deadline is not None:
+            LinkModel.wait_until(deadline)
 
     def all_gather(self, tensor: torch.Tensor) -> list[torch.Tensor]:
         """Every rank's `tensor` (same shape on all ranks), in rank order."""
@@ -39,15 +105,25 @@ class Communicator:
         tensor = tensor.contiguous()
         pieces = [torch.empty_like(tensor) for _ in range(self.world_size)]
         dist.all_gather(pieces, tensor, group=self.group)
-        self._count(tensor.numel() * tensor.element_size() * (self.world_size - 1))
+        self._settle(self._count(tensor.numel() * tensor.element_size() * (self.world_size - 1)))
         return pieces
+
+    def all_gather_async(self, tensor: torch.Tensor) -> GatherHandle:
+        """Start an all-gather of `tensor` (same shape on all ranks); wait on the handle."""
+        if self.world_size == 1:
+            return GatherHandle(None, [tensor], None)
+        tensor = tensor.contiguous()
+        pieces = [torch.empty_like(tensor) for _ in range(self.world_size)]
+        work = dist.all_gather(pieces, tensor, group=self.group, async_op=True)
+        deadline = self._count(tensor.numel() * tensor.element_size() * (self.world_size - 1))
+        return GatherHandle(work, pieces, deadline)
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum `tensor` over ranks, in place, and return it."""
         if self.world_size > 1:
             dist.all_reduce(tensor, group=self.group)
             nbytes = tensor.numel() * tensor.element_size()
-            self._count(2 * nbytes * (self.world_size - 1) / self.world_size)
+            self._settle(self._count(2 * nbytes * (self.world_size - 1) / self.world_size))
         return tensor
 
     def all_gather_uneven(self, tensor: torch.Tensor) -> list[torch.Tensor]:
@@ -59,6 +135,21 @@ class Communicator:
         padded = tensor.new_zeros((max(counts), *tensor.shape[1:]))
         padded[: tensor.shape[0]] = tensor
         return [piece[:count] for piece, count in zip(self.all_gather(padded), counts)]
+
+    def split(self, groups: Sequence[Sequence[int]]) -> Communicator:
+        """Partition the ranks into `groups` (global ranks; every rank calls this with the same
+        list) and return the communicator of the group holding this rank."""
+        mine: Communicator | None = None
+        for ranks in groups:
+            members = [int(r) for r in ranks]
+            group = dist.new_group(members) if self.world_size > 1 else None
+            if self.rank in members:
+                size = len(members)
+                mine = Communicator(group if size > 1 else None, size, members.index(self.rank),
+                                    parent=self)
+        if mine is None:
+            raise ValueError(f"rank {self.rank} is in none of the groups {list(groups)}")
+        return mine
 
     def gather_objects(self, obj: Any) -> list[Any]:
         """Small Python objects (run statistics) from every rank; not counted as traffic."""

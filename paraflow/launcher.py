@@ -10,6 +10,7 @@ A rank that raises makes torch.multiprocessing stop the others; a collective tha
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable
 from datetime import timedelta
 from functools import partial
@@ -21,7 +22,7 @@ from lightning_fabric import Fabric
 from lightning_fabric.strategies import DDPStrategy
 from omegaconf import DictConfig, OmegaConf
 
-from paraflow.comm import Communicator
+from paraflow.comm import Communicator, LinkModel
 from paraflow.config import plain_dict
 from paraflow.context import ParallelContext
 from paraflow.validate import resolve_accelerator
@@ -41,6 +42,14 @@ def threads_for_rank(cfg: DictConfig) -> int:
     return max(1, (os.cpu_count() or 1) // int(cfg.launcher.devices))
 
 
+def link_model(cfg: DictConfig) -> LinkModel | None:
+    """The modeled link of `launcher.link`, or None for the real transport only."""
+    link = cfg.launcher.get("link")
+    if link is None or link.get("bandwidth_gb_s") is None:
+        return None
+    return LinkModel(float(link.bandwidth_gb_s) * 1e9, float(link.latency_us) * 1e-6)
+
+
 def _on_rank(fabric: Fabric, worker: Worker[T], cfg_dict: dict[str, Any]) -> T:
     cfg = OmegaConf.create(cfg_dict)
     previous_threads = torch.get_num_threads()
@@ -51,10 +60,16 @@ def _on_rank(fabric: Fabric, worker: Worker[T], cfg_dict: dict[str, Any]) -> T:
         world_size=fabric.world_size,
         local_rank=fabric.local_rank,
         device=fabric.device,
-        comm=Communicator(group, fabric.world_size, fabric.global_rank),
+        comm=Communicator(group, fabric.world_size, fabric.global_rank, link_model(cfg)),
     )
     try:
         return worker(ctx, cfg)
+    except BaseException as err:
+        # Each failing rank says why: the launcher may report a peer's "connection closed"
+        # first, which hides the cause.
+        print(f"paraflow: rank {ctx.rank} failed: {type(err).__name__}: {err}", file=sys.stderr,
+              flush=True)
+        raise
     finally:
         torch.set_num_threads(previous_threads)
         if fabric.world_size > 1 and dist.is_initialized():

@@ -35,6 +35,19 @@ def peak_memory_bytes(device: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
+def parameter_bytes(pipe: Any) -> dict[str, int]:
+    """Bytes of the parameters this rank holds, per pipeline module (a sharded parameter counts
+    its local shard only)."""
+    sizes: dict[str, int] = {}
+    for name, module in pipe.components.items():
+        if isinstance(module, torch.nn.Module):
+            sizes[name] = 0
+            for param in module.parameters():
+                local = param.to_local() if hasattr(param, "to_local") else param  # DTensor
+                sizes[name] += local.numel() * local.element_size()
+    return sizes
+
+
 def versions() -> dict[str, str]:
     names = ("torch", "diffusers", "transformers", "lightning-fabric", "hydra-core")
     return {"python": platform.python_version(), **{n: version(n) for n in names}}
@@ -76,7 +89,8 @@ def run_on_rank(ctx: ParallelContext, cfg: DictConfig) -> dict[str, Any] | None:
     stats = ctx.comm.gather_objects(
         {"comm_bytes": comm_bytes, "comm_bytes_per_step": per_step,
          "peak_memory_bytes": peak_memory_bytes(ctx.device), "latency_s": latency,
-         "stages": dict(env.seconds), "n_images": len(mine)})
+         "stages": dict(env.seconds), "n_images": len(mine),
+         "param_bytes": parameter_bytes(pipe)})
     if not ctx.is_main:
         return None
     record = {
@@ -93,9 +107,12 @@ def run_on_rank(ctx: ParallelContext, cfg: DictConfig) -> dict[str, Any] | None:
         "comm_bytes": [s["comm_bytes"] for s in stats],
         "comm_bytes_per_step": [s["comm_bytes_per_step"] for s in stats],
         "peak_memory_bytes": [s["peak_memory_bytes"] for s in stats],
+        "param_bytes": {k: [s["param_bytes"][k] for s in stats] for k in stats[0]["param_bytes"]},
         "images_per_rank": [s["n_images"] for s in stats],
         "threads_per_rank": torch.get_num_threads(),
         "device": str(ctx.device),
+        "link": ctx.comm.link.label() if ctx.comm.link is not None else "real transport",
+        "strategy_mode": getattr(strategy, "mode", strategy.name),
         "config": OmegaConf.to_container(cfg, resolve=True),
         "versions": versions(),
     }

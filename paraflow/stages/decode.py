@@ -5,16 +5,24 @@ from typing import Any
 import torch
 
 from paraflow.adapters import latents_to_vae_input
+from paraflow.config import StageParallel
 from paraflow.graph import StageEnv
 
 
 class Decode:
-    """Final latents → pixels in [-1, 1] with the VAE decoder."""
+    """Final latents → pixels in [-1, 1] with the VAE decoder. With `parallel=patch` (patch
+    strategies: every rank holds the same latents) each rank decodes one band of rows."""
 
     components = ("vae",)
 
     def __call__(self, env: StageEnv, latents: torch.Tensor) -> dict[str, Any]:
         vae = env.pipe.vae
         scaled = latents_to_vae_input(vae, latents.to(env.device, env.dtype))
-        pixels = vae.decode(scaled, return_dict=False)[0]
+        parallel = StageParallel(getattr(env.spec, "parallel", StageParallel.none))
+        if parallel is StageParallel.patch and env.ctx.world_size > 1:
+            from strategies.patch.vae import patch_decode
+
+            pixels = patch_decode(vae, scaled, env.ctx.comm)
+        else:
+            pixels = vae.decode(scaled, return_dict=False)[0]
         return {"pixels": pixels.float()}

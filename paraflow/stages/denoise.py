@@ -7,7 +7,17 @@ import torch
 from tqdm.auto import tqdm
 
 from paraflow.adapters import Conditioning, denoiser_forward, uses_guidance
+from paraflow.errors import ParaflowError
 from paraflow.graph import StageEnv
+
+
+def check_finite(latents: torch.Tensor, step: int, env: StageEnv) -> None:
+    """Fail with the step and the mode instead of writing a black image."""
+    if not bool(torch.isfinite(latents).all()):
+        mode = getattr(env.strategy, "mode", env.strategy.name)
+        raise ParaflowError(f"NaN/inf in the latents after denoising step {step} of "
+                            f"{env.cfg.steps} (strategy {mode}, {env.cfg.height}x{env.cfg.width},"
+                            f" {env.ctx.world_size} rank(s)); nothing was written")
 
 
 class Denoise:
@@ -35,5 +45,6 @@ class Denoise:
                 uncond, text = noise.chunk(2)
                 noise = uncond + cfg.guidance_scale * (text - uncond)
             latents = scheduler.step(noise, t, latents, return_dict=False)[0]
+            check_finite(latents, step, env)
         comm.step = None
         return {"latents": latents}

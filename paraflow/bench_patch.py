@@ -1,0 +1,153 @@
+"""Patch-parallel benchmark: 2 ranks × 1 thread against 1 rank × 1 thread (and 1 × 2 threads),
+side by side, on the real transport and on a modeled link; medians over repeats.
+
+    python -m paraflow.bench_patch --size 256 --steps 20 --repeats 3 --out bench/patch
+
+Writes bench_patch.json and bench_patch.md in --out: latency, speedup over 1×1, PSNR of the image
+(and of the final latents) against 1×1, bytes per step and per image, peak memory per rank.
+Every run of one world size and link shares one launch (runs interleaved, so drift hits all).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import statistics
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf, open_dict
+from PIL import Image
+from safetensors.torch import load_file
+
+from paraflow.api import compose
+from paraflow.comm import Communicator
+from paraflow.context import ParallelContext
+from paraflow.launcher import launch
+from paraflow.run import run_on_rank
+
+
+def patch_runs(warmup: int) -> dict[str, list[str]]:
+    displaced = ["+strategy=displaced_patch", f"strategy.warmup_steps={warmup}"]
+    return {
+        "naive_patch": ["+strategy=naive_patch"],
+        "sync_patch": ["+strategy=sync_patch"],
+        **{f"displaced_patch[{m}]": [*displaced, f"strategy.groupnorm={m}"]
+           for m in ("corrected_async", "stale", "sync", "separate")},
+        "frozen (no-comm ideal)": [*displaced, "strategy.frozen=true"],
+    }
+
+PCIE = ["launcher.link.bandwidth_gb_s=16", "launcher.link.latency_us=10"]
+
+
+def _run_all(ctx: ParallelContext, cfg: DictConfig, runs: list[dict[str, Any]]) -> list[Any]:
+    out = []
+    for run in runs:  # a fresh communicator per run: each record counts its own bytes
+        comm = Communicator(ctx.comm.group, ctx.world_size, ctx.rank, ctx.comm.link)
+        fresh = ParallelContext(ctx.rank, ctx.world_size, ctx.local_rank, ctx.device, comm)
+        out.append(run_on_rank(fresh, OmegaConf.create(run)))
+    return out
+
+
+def _launch(overrides_list: list[list[str]], out: Path, tag: str) -> list[dict[str, Any]]:
+    cfgs = []
+    for i, overrides in enumerate(overrides_list):
+        cfg = compose(overrides)
+        with open_dict(cfg):
+            cfg.output_dir = str(out / f"{tag}_{i}")
+        cfgs.append(cfg)
+    runs: list[dict[str, Any]] = [
+        dict(OmegaConf.to_container(c, resolve=True, enum_to_str=True))  # type: ignore[arg-type]
+        for c in cfgs]
+    warm = {**runs[0], "output_dir": str(out / f"{tag}_warmup")}  # one-time costs, discarded
+    result = launch(cfgs[0], functools.partial(_run_all, runs=[warm, *runs]))
+    return list(result or [])[1:]
+
+
+def _image(record: dict[str, Any]) -> np.ndarray:
+    return np.asarray(Image.open(Path(record["output_dir"]) / record["images"][0])).astype(float)
+
+
+def _latents(record: dict[str, Any]) -> torch.Tensor:
+    return load_file(str(Path(record["output_dir"]) / "latents.safetensors"))["latents"]
+
+
+def _psnr(a: Any, b: Any, peak: float) -> float:
+    mse = float(((a - b) ** 2).mean())
+    return math.inf if mse == 0 else 10 * math.log10(peak * peak / mse)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="tiny")
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=Path("bench/patch"))
+    args = parser.parse_args(argv)
+    base = [f"model={args.model}", f"height={args.size}", f"width={args.size}",
+            f"steps={args.steps}", "save_latents=true", "pipeline.progress=false"]
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows: list[dict[str, Any]] = []
+
+    def measure(label: str, link: str, groups: dict[str, list[str]], launcher: list[str]) -> None:
+        names = list(groups)
+        overrides = [[*base, *groups[n], *launcher] for _ in range(args.repeats) for n in names]
+        records = _launch(overrides, args.out / "runs", f"{label}_{len(rows)}")
+        for i, name in enumerate(names):
+            mine = records[i::len(names)]
+            rows.append({"run": name, "layout": label, "link": link, "records": mine})
+
+    measure("1x1", "-", {"single (1 rank x 1 thread)": []},
+            ["launcher.devices=1", "launcher.threads_per_rank=1"])
+    measure("1x2", "-", {"single (1 rank x 2 threads)": []},
+            ["launcher.devices=1", "launcher.threads_per_rank=2"])
+    two = ["launcher.devices=2", "launcher.threads_per_rank=1"]
+    measure("2x1", "real", patch_runs(args.warmup), two)
+    measure("2x1", "PCIe 16 GB/s, 10 us (modeled)", patch_runs(args.warmup), [*two, *PCIE])
+
+    ref = rows[0]["records"][0]
+    base_latency = statistics.median(r["latency_s"] for r in rows[0]["records"])
+    table = []
+    for row in rows:
+        recs = row["records"]
+        latency = statistics.median(r["latency_s"] for r in recs)
+        steps = recs[0]["comm_bytes_per_step"][0]
+        per_step = statistics.median([v for k, v in steps.items() if k != "None"] or [0])
+        table.append({
+            "run": row["run"], "layout": row["layout"], "link": row["link"],
+            "latency_s": latency, "speedup": base_latency / latency,
+            "psnr_image_db": _psnr(_image(recs[0]), _image(ref), 255.0),
+            "psnr_latents_db": _psnr(_latents(recs[0]), _latents(ref),
+                                     float(_latents(ref).max() - _latents(ref).min())),
+            "bytes_per_step_per_rank": per_step,
+            "bytes_per_image_per_rank": recs[0]["comm_bytes"][0],
+            "peak_memory_mb_per_rank": [m / 2**20 for m in recs[0]["peak_memory_bytes"]],
+            "latencies_s": [r["latency_s"] for r in recs],
+        })
+    setup = {"model": args.model, "size": args.size, "steps": args.steps,
+             "warmup_steps": args.warmup, "repeats": args.repeats,
+             "command": "python -m paraflow.bench_patch " + " ".join(argv or [])}
+    (args.out / "bench_patch.json").write_text(json.dumps({"setup": setup, "rows": table},
+                                                          indent=2))
+    lines = [f"# patch parallelism, {args.model} {args.size}², {args.steps} steps "
+             f"({args.warmup} warm-up after the first), median of {args.repeats}", "",
+             "| run | layout | link | latency s | speedup | PSNR img dB | PSNR lat dB "
+             "| bytes/step/rank | bytes/image/rank | peak MB/rank |", "|" + "---|" * 10]
+    for t in table:
+        lines.append(
+            f"| {t['run']} | {t['layout']} | {t['link']} | {t['latency_s']:.2f} | "
+            f"{t['speedup']:.2f}× | {t['psnr_image_db']:.1f} | {t['psnr_latents_db']:.1f} | "
+            f"{t['bytes_per_step_per_rank']:,.0f} | {t['bytes_per_image_per_rank']:,} | "
+            + " / ".join(f"{m:.0f}" for m in t["peak_memory_mb_per_rank"]) + " |")
+    (args.out / "bench_patch.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

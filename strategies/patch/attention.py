@@ -1,0 +1,76 @@
+"""PatchSelfAttnProcessor: self-attention of this band's queries over the whole image.
+
+Split: the query tokens (this band's rows). Communicated: the keys and values of every band,
+all-gathered (padded to the longest band), fresh on synchronous steps; after warm-up of displaced
+patch parallelism the other bands' keys/values are the previous step's and this band's are fresh.
+Installed through diffusers' attention-processor interface; the projections, norms and output
+layers are the Attention module's own.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from paraflow.errors import ParaflowError
+from strategies.patch.state import PatchState
+
+
+class PatchSelfAttnProcessor:
+    def __init__(self, state: PatchState, key: str) -> None:
+        self.state, self.key = state, key
+
+    def __call__(self, attn: Any, hidden_states: torch.Tensor,
+                 encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,
+                 *args: Any, **kwargs: Any) -> torch.Tensor:
+        if encoder_hidden_states is not None or attention_mask is not None:
+            raise ParaflowError(f"{self.key}: patch self-attention got a context or a mask")
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
+        batch = hidden_states.shape[0]
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        query = attn.to_q(hidden_states)
+        kv = torch.cat([attn.to_k(hidden_states), attn.to_v(hidden_states)], dim=-1)
+        key, value = self._whole_image(kv).chunk(2, dim=-1)
+
+        head_dim = query.shape[-1] // attn.heads
+        query = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+        key = key.reshape(batch, -1, attn.heads, head_dim).transpose(1, 2)
+        value = value.reshape(batch, -1, attn.heads, head_dim).transpose(1, 2)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        out = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
+        out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
+        out = attn.to_out[1](attn.to_out[0](out))
+        if input_ndim == 4:
+            out = out.transpose(-1, -2).reshape(batch, channel, height, width)
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+    def _whole_image(self, kv: torch.Tensor) -> torch.Tensor:
+        """(B, band tokens, 2D) → (B, image tokens, 2D): every band's K/V in image order."""
+        state = self.state
+        tokens = state.band.scaled(kv.shape[1])
+        me, longest = state.band.index, max(tokens)
+        piece = F.pad(kv, (0, 0, 0, longest - kv.shape[1])) if kv.shape[1] < longest else kv
+        if state.synchronous:
+            pieces = state.gather(self.key, piece)
+        else:
+            pieces = list(state.stale(self.key, piece))
+            pieces[me] = piece
+        whole = torch.cat([p[:, :n] for p, n in zip(pieces, tokens)], dim=1)
+        if not state.synchronous:
+            state.publish(self.key, piece)
+        return whole

@@ -1,0 +1,58 @@
+"""PatchGroupNorm: GroupNorm over the whole image while each rank holds one band.
+
+Split: the spatial positions (rows, or tokens). Communicated: per (sample, group) the band's
+sum and sum of squares (float64), all-gathered, so the mean and variance are the whole image's.
+After warm-up of displaced patch parallelism the statistics follow `GroupNormMode`:
+corrected_async uses the previous step's global sums plus this band's (fresh − previous) sums,
+falling back to this band's own statistics where the estimated variance is negative.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from strategies.patch.state import GroupNormMode, PatchState
+
+
+class PatchGroupNorm(nn.Module):
+    def __init__(self, norm: nn.GroupNorm, state: PatchState, key: str) -> None:
+        super().__init__()
+        self.norm, self.state, self.key = norm, state, key
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        state, norm = self.state, self.norm
+        groups = norm.num_groups
+        grouped = x.reshape(x.shape[0], groups, -1)
+        local = grouped.double()
+        sums = torch.stack([local.sum(-1), (local * local).sum(-1)], dim=-1)  # (B, G, 2)
+        counts = state.band.scaled(x[0, 0].numel())  # positions per band (rows × width scale)
+        per_group = x.shape[1] // groups
+        total = sum(counts) * per_group
+        mode = GroupNormMode.sync if state.synchronous else state.groupnorm
+        if mode is GroupNormMode.sync:
+            pieces = state.gather(self.key, sums) if state.comm.world_size > 1 else [sums]
+            moments = torch.stack(pieces).sum(0) / total
+        elif mode is GroupNormMode.separate:
+            moments = sums / grouped.shape[-1]
+        else:
+            pieces = state.stale(self.key, sums)
+            summed = torch.stack(pieces).sum(0)
+            if mode is GroupNormMode.corrected_async:
+                summed = summed + sums - pieces[state.band.index]
+            moments = summed / total
+        mean, var = moments[..., 0], moments[..., 1] - moments[..., 0] ** 2
+        if mode is GroupNormMode.corrected_async:
+            own = sums / grouped.shape[-1]
+            bad = var < 0
+            mean = torch.where(bad, own[..., 0], mean)
+            var = torch.where(bad, own[..., 1] - own[..., 0] ** 2, var)
+        var = var.clamp_min(0)
+        if mode in (GroupNormMode.stale, GroupNormMode.corrected_async) and not state.synchronous:
+            state.publish(self.key, sums)
+        inv = torch.rsqrt(var + norm.eps).to(x.dtype).unsqueeze(-1)
+        out = ((grouped - mean.to(x.dtype).unsqueeze(-1)) * inv).reshape(x.shape)
+        if norm.affine:
+            shape = (1, -1) + (1,) * (x.dim() - 2)
+            out = out * norm.weight.view(shape) + norm.bias.view(shape)
+        return out

@@ -1,0 +1,110 @@
+"""The one object every patch layer shares: the band plan, the step counter, the previous
+step's activations of the other bands, and the asynchronous all-gathers in flight.
+
+Synchronous steps (`sync_patch`, and the warm-up of `displaced_patch`) all-gather each layer's
+piece at once. After warm-up a layer reads the pieces gathered at the previous step (`stale`),
+computes, then `publish`es its fresh piece; published pieces are packed into buckets of about
+`bucket_bytes` and each bucket is sent as one asynchronous all-gather, waited for when its first
+layer asks for it at the next step. `frozen` stops publishing after warm-up (no communication:
+the speed ceiling).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from paraflow.comm import Communicator, GatherHandle
+from paraflow.config import GroupNormMode
+from strategies.patch.bands import BandPlan
+
+
+@dataclass
+class _Bucket:
+    handle: GatherHandle
+    entries: list[tuple[str, int, int, torch.Size]]  # key, offset, numel, shape
+
+
+@dataclass
+class PatchState:
+    comm: Communicator  # the ranks that share one image, one band each
+    displaced: bool = False
+    warmup_steps: int = 0
+    frozen: bool = False
+    groupnorm: GroupNormMode = GroupNormMode.sync
+    bucket_bytes: int = 4 << 20
+    plan: BandPlan | None = None
+    step: int = 0
+    previous: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    _pending: dict[torch.dtype, list[tuple[str, torch.Tensor]]] = field(default_factory=dict)
+    _pending_bytes: int = 0
+    _inflight: dict[str, _Bucket] = field(default_factory=dict)
+
+    @property
+    def synchronous(self) -> bool:
+        """Fresh activations this step (every step of sync_patch; warm-up of displaced)."""
+        return not self.displaced or self.step <= self.warmup_steps
+
+    @property
+    def band(self) -> BandPlan:
+        if self.plan is None:
+            raise RuntimeError("patch layer called outside a patch-parallel model call")
+        return self.plan
+
+    def begin_step(self, step: int) -> None:
+        if step == 0:  # a new image batch: nothing from earlier steps applies
+            self.drain()
+            self.previous.clear()
+        self.step = step
+
+    def gather(self, key: str, piece: torch.Tensor) -> list[torch.Tensor]:
+        """Every rank's fresh `piece` now (blocking); kept for the next step when displaced."""
+        pieces = self.comm.all_gather(piece)
+        if self.displaced:
+            self.previous[key] = pieces
+        return pieces
+
+    def stale(self, key: str, like: torch.Tensor) -> list[torch.Tensor]:
+        """Every rank's piece of layer `key` from the previous step, shaped like `like`."""
+        bucket = self._inflight.get(key)
+        if bucket is not None:
+            self._unpack(bucket)
+        if key not in self.previous:
+            raise RuntimeError(f"no activations of the previous step for layer {key}")
+        return [p.view(like.shape) for p in self.previous[key]]
+
+    def publish(self, key: str, piece: torch.Tensor) -> None:
+        """Queue this step's fresh `piece` for the next step (no-op when frozen)."""
+        if self.frozen:
+            return
+        self._pending.setdefault(piece.dtype, []).append((key, piece.detach().reshape(-1)))
+        self._pending_bytes += piece.numel() * piece.element_size()
+        if self._pending_bytes >= self.bucket_bytes:
+            self.flush()
+
+    def flush(self) -> None:
+        """Send every queued piece now, one asynchronous all-gather per dtype."""
+        for pieces in self._pending.values():
+            entries, offset = [], 0
+            for key, flat in pieces:
+                entries.append((key, offset, flat.numel(), flat.shape))
+                offset += flat.numel()
+            bucket = _Bucket(self.comm.all_gather_async(torch.cat([p for _, p in pieces])),
+                             entries)
+            for key, *_ in entries:
+                self._inflight[key] = bucket
+        self._pending.clear()
+        self._pending_bytes = 0
+
+    def drain(self) -> None:
+        """Send what is queued and wait for everything in flight."""
+        self.flush()
+        for bucket in list(self._inflight.values()):
+            self._unpack(bucket)
+
+    def _unpack(self, bucket: _Bucket) -> None:
+        flats = bucket.handle.wait()
+        for key, offset, numel, _ in bucket.entries:
+            self.previous[key] = [f[offset:offset + numel] for f in flats]
+            self._inflight.pop(key, None)

@@ -1,0 +1,243 @@
+"""Tensor parallelism: the denoiser's weights split over the N ranks of the mesh dimension `tensor`.
+
+Every rank runs every image through the whole network, holding ~1/N of the split layers:
+
+- attention: to_q/to_k/to_v column-wise (rank r keeps heads r·H/N … (r+1)·H/N, and the module is
+  told it has H/N heads), to_out row-wise → one all-reduce of the B×T×C output;
+- feed-forward: the GEGLU projection column-wise (value and gate rows interleaved first so each
+  rank keeps matching halves), the output linear row-wise → one all-reduce of B×T×C;
+- ResNet block: conv1 and time_emb_proj by output channels, norm2 along whole groups, conv2 by
+  input channels → one all-reduce of B×C×H×W.
+
+Bytes per rank per denoiser call (ring all-reduce, as the communicator counts them):
+2·(N−1)/N · Σ over row-wise and input-split layers of the bytes of their output.
+
+The plan — module-name glob → style — is data (`strategy.plan`, conf/strategy/tensor.yaml); a new
+architecture needs a new plan, not new code. Linears are split by DTensor (`parallelize_module`,
+ColwiseParallel / RowwiseParallel with the output left as a partial sum); convolutions and
+GroupNorm by hand (tensor_layers.py). Every reduction goes through the communicator, synchronously,
+so no asynchronous collective tensor outlives a layer.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+from functools import reduce as fold
+from typing import Any, Literal, cast, get_args
+
+from omegaconf import DictConfig
+from torch import nn
+
+from paraflow.comm import Communicator
+from paraflow.context import ParallelContext
+from paraflow.errors import ParaflowError
+from paraflow.outputs import OutputSink
+from strategies.tensor_layers import (
+    InputShardedConv2d,
+    Reduce,
+    finish_rowwise,
+    interleave_gated,
+    move_bias_out,
+    shard_conv_out,
+    shard_group_norm,
+)
+
+Style = Literal["colwise", "colwise_gated", "rowwise", "heads", "conv_out", "conv_in", "groupnorm"]
+STYLES: tuple[str, ...] = get_args(Style)
+MESH_DIM = "tensor"
+
+
+@dataclass(frozen=True)
+class PlannedSplit:
+    """One module the plan splits, and the count that must divide by the rank count."""
+
+    name: str
+    style: Style
+    count: int
+    unit: str
+
+
+def _split_size(name: str, module: nn.Module, style: Style) -> tuple[int, str]:
+    def need(kind: type[nn.Module]) -> None:
+        if not isinstance(module, kind):
+            raise ParaflowError(f"strategy.plan: {name} is a {type(module).__name__}; style "
+                                f"'{style}' applies to {kind.__name__} modules")
+
+    if style == "heads":
+        heads = getattr(module, "heads", None)
+        if not isinstance(heads, int):
+            raise ParaflowError(f"strategy.plan: {name} ({type(module).__name__}) has no integer "
+                                "`heads`; style 'heads' applies to attention modules")
+        return heads, "attention heads"
+    if style in ("colwise", "colwise_gated", "rowwise"):
+        need(nn.Linear)
+        linear = cast(nn.Linear, module)
+        if style == "rowwise":
+            return linear.in_features, "input features"
+        if style == "colwise_gated":
+            return linear.out_features // 2, "gated features"
+        return linear.out_features, "output features"
+    if style in ("conv_out", "conv_in"):
+        need(nn.Conv2d)
+        conv = cast(nn.Conv2d, module)
+        if style == "conv_out":
+            return conv.out_channels, "output channels"
+        return conv.in_channels, "input channels"
+    need(nn.GroupNorm)
+    return cast(nn.GroupNorm, module).num_groups, "groups"
+
+
+def resolve_plan(model: nn.Module, plan: Mapping[str, str]) -> list[PlannedSplit]:
+    """The modules of `model` the plan splits, in module order; each takes the first pattern
+    (glob over the dotted module name) that matches it. A pattern matching nothing is an error."""
+    for glob, style in plan.items():
+        if style not in STYLES:
+            raise ParaflowError(f"strategy.plan.{glob}={style}: unknown style; "
+                                f"use one of {', '.join(STYLES)}")
+    hits = dict.fromkeys(plan, 0)
+    splits = []
+    for name, module in model.named_modules():
+        pattern = next((p for p in plan if name and fnmatchcase(name, p)), None)
+        if pattern is None:
+            continue
+        hits[pattern] += 1
+        style = cast(Style, plan[pattern])
+        splits.append(PlannedSplit(name, style, *_split_size(name, module, style)))
+    unused = [p for p, n in hits.items() if n == 0]
+    if unused:
+        raise ParaflowError(f"strategy.plan: {', '.join(unused)} match no module of the "
+                            f"denoiser ({type(model).__name__}); fix or remove them")
+    return splits
+
+
+def allowed_degrees(splits: list[PlannedSplit]) -> list[int]:
+    """Rank counts that split every planned layer evenly (the divisors of the counts' gcd)."""
+    common = fold(math.gcd, (s.count for s in splits), 0)
+    return [d for d in range(1, common + 1) if common % d == 0] if common else [1]
+
+
+def check_divisible(splits: list[PlannedSplit], n: int, what: str = "ranks") -> None:
+    # Name heads and groups first: they are what a user recognises in a model card.
+    order = {"heads": 0, "groupnorm": 1}
+    bad = min((s for s in splits if s.count % n), key=lambda s: order.get(s.style, 2),
+              default=None)
+    if bad is not None:
+        allowed = ", ".join(str(d) for d in allowed_degrees(splits))
+        raise ParaflowError(f"strategy=tensor over {n} {what}: layer {bad.name} has {bad.count} "
+                            f"{bad.unit}, which do not split into {n} equal parts; rank counts "
+                            f"this model allows: {allowed}")
+
+
+def apply_plan(model: nn.Module, splits: list[PlannedSplit], mesh: Any, n: int, rank: int,
+               reduce: Reduce) -> None:
+    """Shard `model` in place: this rank keeps the `rank`-th of `n` slices of each planned layer."""
+    from torch.distributed.tensor import Partial
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        RowwiseParallel,
+        parallelize_module,
+    )
+
+    modules = dict(model.named_modules())
+    linear_plan: dict[str, Any] = {}
+    biases: dict[str, nn.Parameter | None] = {}
+    for split in splits:
+        module = modules[split.name]
+        if split.style == "colwise":
+            linear_plan[split.name] = ColwiseParallel()
+        elif split.style == "colwise_gated":
+            interleave_gated(cast(nn.Linear, module), n)
+            linear_plan[split.name] = ColwiseParallel()
+        elif split.style == "rowwise":
+            biases[split.name] = move_bias_out(cast(nn.Linear, module))
+            linear_plan[split.name] = RowwiseParallel(output_layouts=Partial())
+        elif split.style == "heads":
+            module.heads = split.count // n  # diffusers' Attention reads it to reshape q/k/v
+        elif split.style == "conv_out":
+            shard_conv_out(cast(nn.Conv2d, module), n, rank)
+        elif split.style == "groupnorm":
+            shard_group_norm(cast(nn.GroupNorm, module), n, rank)
+        else:  # conv_in
+            parent_name, _, child = split.name.rpartition(".")
+            sharded = InputShardedConv2d.from_conv(cast(nn.Conv2d, module), n, rank, reduce)
+            setattr(modules[parent_name] if parent_name else model, child, sharded)
+    # Every rank holds the same full weights, so each takes its own slice (no scatter).
+    parallelize_module(model, mesh, linear_plan, src_data_rank=None)
+    for name, bias in biases.items():
+        finish_rowwise(cast(nn.Linear, modules[name]), reduce, bias)
+
+
+def tensor_mesh(ctx: ParallelContext) -> Any:
+    """The context's mesh dimension `tensor` when it has a mesh (hybrid layouts), else a 1-D mesh
+    over all ranks."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = getattr(ctx, "mesh", None)
+    if mesh is not None and MESH_DIM in (mesh.mesh_dim_names or ()):
+        return mesh[MESH_DIM]
+    return init_device_mesh(ctx.device.type, (ctx.world_size,), mesh_dim_names=(MESH_DIM,))
+
+
+def tensor_reduce(ctx: ParallelContext, mesh: Any) -> Reduce:
+    """Sum over the mesh's ranks through the communicator (so the bytes are counted): the
+    context's own when the mesh spans the world, else one on the mesh's group that counts into
+    the context's books."""
+    if mesh.size() == ctx.world_size:
+        return ctx.comm.all_reduce
+    sub = Communicator(mesh.get_group(), mesh.size(), mesh.get_local_rank(), parent=ctx.comm)
+    return sub.all_reduce
+
+
+class TensorStrategy:
+    """Tensor parallelism (see the module docstring): every rank makes every image, rank 0
+    writes them."""
+
+    name = "tensor"
+
+    def __init__(self, plan: Mapping[str, str] | None = None, component: str = "unet") -> None:
+        self.plan = dict(plan or {})
+        self.component = component
+        self.splits: list[PlannedSplit] = []
+        self.mesh: Any = None
+        if not self.plan:
+            raise ParaflowError("strategy.plan is empty: give module-name globs and styles "
+                                f"({', '.join(STYLES)}), as conf/strategy/tensor.yaml does")
+
+    def degree(self, cfg: DictConfig) -> int:
+        return int(cfg.launcher.devices) * int(cfg.launcher.num_nodes)
+
+    def validate(self, cfg: DictConfig) -> None:
+        """Before any rank starts: the plan against the denoiser built on the meta device."""
+        from paraflow.models import denoiser_skeleton
+
+        skeleton = denoiser_skeleton(cfg.model)
+        if skeleton is not None:
+            check_divisible(resolve_plan(skeleton, self.plan), self.degree(cfg))
+
+    def setup(self, ctx: ParallelContext) -> None:
+        if ctx.world_size > 1:
+            self.mesh = tensor_mesh(ctx)
+
+    def parallelize(self, pipe: Any, ctx: ParallelContext) -> None:
+        model = getattr(pipe, self.component, None)
+        if not isinstance(model, nn.Module):
+            raise ParaflowError(f"strategy.component={self.component}: the pipeline has no such "
+                                "module")
+        self.splits = resolve_plan(model, self.plan)
+        if self.mesh is None:
+            return
+        n, rank = self.mesh.size(), self.mesh.get_local_rank()
+        check_divisible(self.splits, n)
+        apply_plan(model, self.splits, self.mesh, n, rank, tensor_reduce(ctx, self.mesh))
+
+    def assign_images(self, n_images: int, ctx: ParallelContext) -> list[int]:
+        return list(range(n_images))
+
+    def gather(self, sink: OutputSink, ctx: ParallelContext) -> OutputSink:
+        return sink  # every rank computed the same images; rank 0 writes its own
+
+    def on_step(self, step: int, ctx: ParallelContext) -> None:
+        return None

@@ -1,0 +1,104 @@
+"""Patch strategies on 2 and 3 gloo ranks against the single-device run (one launch per world
+size, several runs each; references run in-process on one device).
+
+Tolerances: exact strategies (sync_patch, displaced_patch with warmup_steps >= steps, guidance
+split, patch VAE decode) match single device within 1e-4 max abs difference of the final fp32
+latents; the decoded uint8 images within 1 grey level. naive_patch must NOT be within 1e-2.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.patch_helpers import config, image, latents, run_many, run_single
+
+TOL = 1e-4
+PROMPTS = ["prompt=[a red circle,a blue square]", "images_per_prompt=2"]
+
+
+def _cases(devices: int) -> dict[str, tuple[list[str], list[str]]]:
+    """name → (reference overrides, extra overrides of the parallel run)."""
+    if devices == 2:
+        sd64 = ["model=tiny", "height=64", "width=64", "steps=3"]
+        xl64 = ["model=tiny_xl", "height=64", "width=64", "steps=3"]
+        return {
+            "sd_sync": (sd64, ["+strategy=sync_patch"]),
+            "sd_sync_cfg": (sd64, ["+strategy=sync_patch", "strategy.cfg_split=true"]),
+            "sd_displaced_warm": (sd64, ["+strategy=displaced_patch", "strategy.warmup_steps=3"]),
+            "sd_naive": (sd64, ["+strategy=naive_patch"]),
+            "sd_uneven_prompts_decode": (  # 12 latent rows → bands of 8 and 4
+                ["model=tiny", "height=96", "width=64", "steps=2", *PROMPTS],
+                ["+strategy=sync_patch", "pipeline.stages.decode.parallel=patch"]),
+            "xl_sync": (xl64, ["+strategy=sync_patch"]),
+            "xl_sync_cfg": (xl64, ["+strategy=sync_patch", "strategy.cfg_split=true"]),
+            "xl_displaced_warm_cfg": (xl64, ["+strategy=distrifusion", "strategy.warmup_steps=3",
+                                             "strategy.cfg_split=true"]),
+        }
+    sd96 = ["model=tiny", "height=96", "width=64", "steps=2"]
+    xl96 = ["model=tiny_xl", "height=96", "width=64", "steps=2"]
+    return {
+        "sd_sync": (sd96, ["+strategy=sync_patch", "pipeline.stages.decode.parallel=patch"]),
+        "sd_sync_cfg": (sd96, ["+strategy=sync_patch", "strategy.cfg_split=true"]),
+        "xl_sync": (xl96, ["+strategy=sync_patch"]),
+        "xl_sync_cfg": (xl96, ["+strategy=displaced_patch", "strategy.warmup_steps=2",
+                               "strategy.cfg_split=true"]),
+    }
+
+
+def _run(devices: int, tmp: Path) -> dict[str, tuple[dict[str, Any], dict[str, Any]]]:
+    cases = _cases(devices)
+    refs = {name: run_single(config(ref, tmp / f"{name}_ref")) for name, (ref, _) in cases.items()}
+    cfgs = [config([*ref, *extra, f"launcher.devices={devices}"], tmp / name)
+            for name, (ref, extra) in cases.items()]
+    return dict(zip(cases, zip(run_many(cfgs), refs.values())))
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    return _run(2, tmp_path_factory.mktemp("patch2"))
+
+
+@pytest.fixture(scope="module")
+def three_ranks(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    return _run(3, tmp_path_factory.mktemp("patch3"))
+
+
+def _check_exact(run: dict[str, Any], ref: dict[str, Any]) -> None:
+    got, want = latents(run), latents(ref)
+    assert got.shape == want.shape
+    diff = float((got - want).abs().max())
+    print(f"max |latents - single| = {diff:.2e}")
+    assert diff <= TOL
+    for index in range(len(ref["images"])):
+        assert float((image(run, index) - image(ref, index)).abs().max()) <= 1.0
+
+
+@pytest.mark.parametrize("name", [n for n in _cases(2) if n != "sd_naive"])
+def test_exact_on_two_ranks(two_ranks: dict[str, Any], name: str) -> None:
+    run, ref = two_ranks[name]
+    assert run["world_size"] == 2 and run["images_per_rank"][1] == len(ref["images"])
+    _check_exact(run, ref)
+
+
+@pytest.mark.parametrize("name", list(_cases(3)))
+def test_exact_on_three_ranks(three_ranks: dict[str, Any], name: str) -> None:
+    run, ref = three_ranks[name]
+    assert run["world_size"] == 3
+    _check_exact(run, ref)
+
+
+def test_naive_patch_is_not_exact(two_ranks: dict[str, Any]) -> None:
+    run, ref = two_ranks["sd_naive"]
+    diff = float((latents(run) - latents(ref)).abs().max())
+    print(f"naive_patch max |latents - single| = {diff:.2e}")
+    assert diff > 1e-2
+    assert run["comm_bytes"][0] < two_ranks["sd_sync"][0]["comm_bytes"][0] / 10
+
+
+def test_patch_runs_are_labelled(two_ranks: dict[str, Any]) -> None:
+    run, _ = two_ranks["xl_displaced_warm_cfg"]
+    assert run["strategy"] == "distrifusion"
+    assert "cfg_split" in run["strategy_mode"] and run["link"] == "real transport"
