@@ -1,6 +1,7 @@
 """Foundation figures: single-device latency per resolution, and data-parallel throughput.
 
     python -m paraflow.bench_data [--out DIR] [--repeats 3] [--sizes 64 256 512] [--prompts 8]
+                                  [--throughput-size 64]
 
 Each figure is the median of `repeats` runs (generation only, model loading excluded), all
 measured in this one invocation, one thread per rank. Writes results.json and results.md.
@@ -40,6 +41,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--sizes", type=int, nargs="+", default=[64, 256, 512])
     parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--throughput-size", type=int, default=64)
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -56,7 +58,9 @@ def main() -> None:
     throughput = {}
     for ranks in (1, 2):
         strategy = ["+strategy=data", f"launcher.devices={ranks}"] if ranks > 1 else []
-        result = median_run([*base, prompts, *strategy], args.repeats, scratch)
+        size = args.throughput_size
+        result = median_run([*base, prompts, *strategy, f"height={size}", f"width={size}"],
+                            args.repeats, scratch)
         result["images_per_s"] = result["images"] / result["latency_s"]
         throughput[ranks] = result
         print(f"data, {ranks} rank(s) × 1 thread: {result['images_per_s']:.2f} images/s",
@@ -68,7 +72,8 @@ def main() -> None:
     (out / "results.json").write_text(json.dumps(results, indent=2))
     lines = ["| resolution | single-device latency (s, median) |", "|---|---|"]
     lines += [f"| {s}² | {latency[s]['latency_s']:.3f} |" for s in args.sizes]
-    lines += ["", f"| ranks × threads | images/s ({args.prompts} prompts, 64²) | speedup |",
+    lines += ["", f"| ranks × threads | images/s ({args.prompts} prompts, "
+              f"{args.throughput_size}²) | speedup |",
               "|---|---|---|"]
     lines += [f"| {r} × 1 | {throughput[r]['images_per_s']:.2f} | "
               f"{throughput[r]['images_per_s'] / throughput[1]['images_per_s']:.2f}× |"
