@@ -3,7 +3,6 @@ through the stage graph in batches, gather, and (rank 0) write the outputs."""
 
 from __future__ import annotations
 
-import math
 import platform
 import resource
 import time
@@ -119,6 +118,3 @@ def run_on_rank(ctx: ParallelContext, cfg: DictConfig) -> dict[str, Any] | None:
     images = write_outputs(cfg.output_dir, gathered, record)
     return {**record, "images": images, "output_dir": cfg.output_dir}
 
-
-def batches_needed(n_images: int, world_size: int, max_batch: int) -> int:
-    return math.ceil(math.ceil(n_images / world_size) / max_batch)
