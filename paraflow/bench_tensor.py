@@ -48,7 +48,7 @@ def table(rows: list[dict[str, Any]], base: float) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="tiny")
+    parser.add_argument("--model", default="tiny_random")
     parser.add_argument("--size", type=int, default=512, help="height = width, pixels")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--ranks", type=int, default=2)

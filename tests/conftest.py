@@ -46,7 +46,7 @@ def tiny_folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
     root = tmp_path_factory.mktemp("models")
     folders = {}
-    for name in ("tiny", "tiny_xl"):
+    for name in ("tiny_random", "tiny_xl_random"):
         pipe = load_pipeline(compose([f"model={name}"]).model)
         pipe.save_pretrained(root / name, safe_serialization=True)
         folders[name] = root / name

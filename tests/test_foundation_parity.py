@@ -18,7 +18,7 @@ from .conftest import read_images, read_latents, run_paraflow
 
 PROMPT = "a red circle on the left, blue background"
 SCHEDULERS = {"ddim": DDIMScheduler, "euler": EulerDiscreteScheduler}
-CASES = {"tiny": StableDiffusionPipeline, "tiny_xl": StableDiffusionXLPipeline}
+CASES = {"tiny_random": StableDiffusionPipeline, "tiny_xl_random": StableDiffusionXLPipeline}
 
 
 @pytest.mark.parametrize("name", sorted(CASES))

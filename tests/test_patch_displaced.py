@@ -15,8 +15,8 @@ from paraflow.models import load_pipeline
 from strategies.patch.bands import conv_halo
 from tests.patch_helpers import config, latents, psnr, run_many, run_single
 
-BYTES = ["model=tiny", "height=64", "width=64", "steps=3"]
-QUALITY = ["model=tiny", "height=64", "width=64", "steps=20"]
+BYTES = ["model=tiny_random", "height=64", "width=64", "steps=3"]
+QUALITY = ["model=tiny_random", "height=64", "width=64", "steps=20"]
 MODES = ["corrected_async", "stale", "sync", "separate"]
 
 

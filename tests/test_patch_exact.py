@@ -22,23 +22,23 @@ PROMPTS = ["prompt=[a red circle,a blue square]", "images_per_prompt=2"]
 def _cases(devices: int) -> dict[str, tuple[list[str], list[str]]]:
     """name → (reference overrides, extra overrides of the parallel run)."""
     if devices == 2:
-        sd64 = ["model=tiny", "height=64", "width=64", "steps=3"]
-        xl64 = ["model=tiny_xl", "height=64", "width=64", "steps=3"]
+        sd64 = ["model=tiny_random", "height=64", "width=64", "steps=3"]
+        xl64 = ["model=tiny_xl_random", "height=64", "width=64", "steps=3"]
         return {
             "sd_sync": (sd64, ["+strategy=sync_patch"]),
             "sd_sync_cfg": (sd64, ["+strategy=sync_patch", "strategy.cfg_split=true"]),
             "sd_displaced_warm": (sd64, ["+strategy=displaced_patch", "strategy.warmup_steps=3"]),
             "sd_naive": (sd64, ["+strategy=naive_patch"]),
             "sd_uneven_prompts_decode": (  # 12 latent rows → bands of 8 and 4
-                ["model=tiny", "height=96", "width=64", "steps=2", *PROMPTS],
+                ["model=tiny_random", "height=96", "width=64", "steps=2", *PROMPTS],
                 ["+strategy=sync_patch", "pipeline.stages.decode.parallel=patch"]),
             "xl_sync": (xl64, ["+strategy=sync_patch"]),
             "xl_sync_cfg": (xl64, ["+strategy=sync_patch", "strategy.cfg_split=true"]),
             "xl_displaced_warm_cfg": (xl64, ["+strategy=distrifusion", "strategy.warmup_steps=3",
                                              "strategy.cfg_split=true"]),
         }
-    sd96 = ["model=tiny", "height=96", "width=64", "steps=2"]
-    xl96 = ["model=tiny_xl", "height=96", "width=64", "steps=2"]
+    sd96 = ["model=tiny_random", "height=96", "width=64", "steps=2"]
+    xl96 = ["model=tiny_xl_random", "height=96", "width=64", "steps=2"]
     return {
         "sd_sync": (sd96, ["+strategy=sync_patch", "pipeline.stages.decode.parallel=patch"]),
         "sd_sync_cfg": (sd96, ["+strategy=sync_patch", "strategy.cfg_split=true"]),

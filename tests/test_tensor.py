@@ -39,7 +39,7 @@ def default_plan() -> dict[str, str]:
 
 # --- without processes ------------------------------------------------------------------------
 
-@pytest.mark.parametrize("model", ["tiny", "tiny_xl"])
+@pytest.mark.parametrize("model", ["tiny_random", "tiny_xl_random"])
 def test_plan_resolves_on_both_architectures(model: str) -> None:
     skeleton = denoiser_skeleton(compose([f"model={model}"]).model)
     splits = resolve_plan(skeleton, default_plan())
@@ -55,7 +55,7 @@ def test_plan_resolves_on_both_architectures(model: str) -> None:
 
 
 def test_plan_errors_name_the_pattern_or_layer() -> None:
-    skeleton = denoiser_skeleton(compose(["model=tiny"]).model)
+    skeleton = denoiser_skeleton(compose(["model=tiny_random"]).model)
     with pytest.raises(ParaflowError, match=r"\*\.nothing match no module"):
         resolve_plan(skeleton, {"*.attn1": "heads", "*.nothing": "colwise"})
     with pytest.raises(ParaflowError, match="unknown style; use one of colwise"):
@@ -119,7 +119,7 @@ def _run_pair(root: Path, model: str) -> tuple[dict[str, Any], dict[str, Any]]:
 @pytest.fixture(scope="module")
 def tiny_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, dict]:
     root = tmp_path_factory.mktemp("tensor_tiny")
-    return (root, *_run_pair(root, "tiny"))
+    return (root, *_run_pair(root, "tiny_random"))
 
 
 def test_tiny_latents_equal_single_device(tiny_pair: tuple[Path, dict, dict]) -> None:
@@ -149,7 +149,7 @@ def test_comm_bytes_match_the_all_reduce_formula(tiny_pair: tuple[Path, dict, di
     Tiny SD at 64² (8×8 latents), guidance on (batch 2), fp32: per image, down 8192 + 4096 + 256,
     mid 1280, up 512 + 8192 + 16384 = 38912 elements → 2·(1/2)·4·2·38912 = 311296 bytes/step."""
     _, _, tensor = tiny_pair
-    pipe = load_pipeline(compose(["model=tiny"]).model)
+    pipe = load_pipeline(compose(["model=tiny_random"]).model)
     unet = pipe.unet
     modules = dict(unet.named_modules())
     elements = [0]
@@ -168,7 +168,7 @@ def test_comm_bytes_match_the_all_reduce_formula(tiny_pair: tuple[Path, dict, di
 
 
 def test_tiny_xl_latents_equal_single_device(tmp_path: Path) -> None:
-    single, tensor = _run_pair(tmp_path, "tiny_xl")
+    single, tensor = _run_pair(tmp_path, "tiny_xl_random")
     ours, reference = read_latents(tmp_path / "tensor"), read_latents(tmp_path / "single")
     assert torch.allclose(ours, reference, atol=1e-4), (ours - reference).abs().max()
     assert tensor["param_bytes"]["unet"][0] <= 0.6 * single["param_bytes"]["unet"][0]
