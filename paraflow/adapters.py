@@ -3,6 +3,7 @@ latent scaling and image post-processing for SD 1.x/2.x and SDXL pipelines."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -93,3 +94,12 @@ def pixels_to_uint8(pixels: torch.Tensor) -> np.ndarray:
     """[-1, 1] NCHW pixels to uint8 NHWC, rounded as diffusers rounds when it makes PIL images."""
     images = VaeImageProcessor().postprocess(pixels.float(), output_type="np")
     return (images * 255).round().astype(np.uint8)
+
+
+def unknown_words(tokenizer: Any, texts: list[str]) -> list[str]:
+    """The words of `texts` that `tokenizer` maps to its unknown token, in first-seen order."""
+    unk = tokenizer.unk_token_id
+    if unk is None:
+        return []
+    words = dict.fromkeys(w for text in texts for w in re.findall(r"[\w']+", text.lower()))
+    return [w for w in words if unk in tokenizer(w, add_special_tokens=False).input_ids]

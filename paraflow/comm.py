@@ -18,6 +18,7 @@ import time
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -71,12 +72,14 @@ class GatherHandle:
 
 class Communicator:
     def __init__(self, group: dist.ProcessGroup | None, world_size: int, rank: int,
-                 link: LinkModel | None = None, parent: Communicator | None = None) -> None:
+                 link: LinkModel | None = None, parent: Communicator | None = None,
+                 timeout: timedelta | None = None) -> None:
         self.group = group
         self.world_size = world_size
         self.rank = rank
         self.link = link
         self.parent = parent
+        self.timeout = timeout  # for the subgroups `split` makes (None: torch's default)
         self.step: int | None = None
         self.bytes_by_step: dict[int | None, int] = defaultdict(int)
         self.calls = 0
@@ -142,11 +145,12 @@ class Communicator:
         mine: Communicator | None = None
         for ranks in groups:
             members = [int(r) for r in ranks]
-            group = dist.new_group(members) if self.world_size > 1 else None
+            group = (dist.new_group(members, timeout=self.timeout) if self.world_size > 1
+                     else None)
             if self.rank in members:
                 size = len(members)
                 mine = Communicator(group if size > 1 else None, size, members.index(self.rank),
-                                    parent=self)
+                                    parent=self, timeout=self.timeout)
         if mine is None:
             raise ValueError(f"rank {self.rank} is in none of the groups {list(groups)}")
         return mine

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -140,7 +141,15 @@ class TensorStyle(str, Enum):
 
 
 @dataclass
-class TensorStrategyConfig(StrategyConfig):
+class MeshStrategyConfig(StrategyConfig):
+    """Strategies laid out on the data × cfg × inner mesh (paraflow/mesh.py)."""
+
+    data_degree: int = 1  # data replicas; the ranks left over go to the inner strategy
+    cfg_split: bool = False  # guidance branches on two halves of each replica
+
+
+@dataclass
+class TensorStrategyConfig(MeshStrategyConfig):
     _target_: str = "strategies.tensor.TensorStrategy"
     name: str = "tensor"
     component: str = "unet"  # the pipeline module to split
@@ -148,8 +157,8 @@ class TensorStrategyConfig(StrategyConfig):
 
 
 @dataclass
-class PatchStrategyConfig(StrategyConfig):
-    cfg_split: bool = False  # guidance branches on two halves of the ranks, bands inside each
+class PatchStrategyConfig(MeshStrategyConfig):
+    """Bands inside each guidance half of each replica."""
 
 
 @dataclass
@@ -185,6 +194,12 @@ def plain_dict(node: Any) -> dict[str, Any]:
     if not isinstance(container, dict):
         raise TypeError(f"expected a mapping config node, got {type(container).__name__}")
     return {str(k): v for k, v in container.items()}
+
+
+EMBEDDED_MODEL = Path(__file__).resolve().parent / "models" / "embedded"
+# `${paraflow_embedded:}` in a model config: the folder of the model that ships in the package.
+# Registered at import, so spawned ranks resolve it too.
+OmegaConf.register_new_resolver("paraflow_embedded", lambda: str(EMBEDDED_MODEL), replace=True)
 
 
 def register_configs() -> None:

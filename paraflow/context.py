@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from paraflow.comm import Communicator
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
 
 
 @dataclass(frozen=True)
@@ -16,6 +20,7 @@ class ParallelContext:
     local_rank: int
     device: torch.device
     comm: Communicator
+    mesh: DeviceMesh | None = None  # the run's named dimensions (paraflow/mesh.py); None: 1 rank
 
     @property
     def is_main(self) -> bool:

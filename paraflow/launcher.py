@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from paraflow.comm import Communicator, LinkModel
 from paraflow.config import plain_dict
 from paraflow.context import ParallelContext
+from paraflow.mesh import build_mesh, layout_of
 from paraflow.validate import resolve_accelerator
 
 T = TypeVar("T")
@@ -50,25 +51,31 @@ def link_model(cfg: DictConfig) -> LinkModel | None:
     return LinkModel(float(link.bandwidth_gb_s) * 1e9, float(link.latency_us) * 1e-6)
 
 
+def rank_context(cfg: DictConfig, rank: int, world_size: int, local_rank: int,
+                 device: torch.device) -> ParallelContext:
+    """This rank's context for the run `cfg`: a communicator of its own (its own byte count)
+    and the mesh of the strategy's layout. Collective: every rank calls it. Several runs in one
+    launch (tests, benchmarks) call it once per run."""
+    group = dist.group.WORLD if world_size > 1 else None
+    timeout = timedelta(seconds=float(cfg.launcher.timeout_s))
+    comm = Communicator(group, world_size, rank, link_model(cfg), timeout=timeout)
+    mesh = build_mesh(layout_of(cfg), device.type, timeout) if world_size > 1 else None
+    return ParallelContext(rank, world_size, local_rank, device, comm, mesh)
+
+
 def _on_rank(fabric: Fabric, worker: Worker[T], cfg_dict: dict[str, Any]) -> T:
     cfg = OmegaConf.create(cfg_dict)
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads_for_rank(cfg))
-    group = dist.group.WORLD if fabric.world_size > 1 else None
-    ctx = ParallelContext(
-        rank=fabric.global_rank,
-        world_size=fabric.world_size,
-        local_rank=fabric.local_rank,
-        device=fabric.device,
-        comm=Communicator(group, fabric.world_size, fabric.global_rank, link_model(cfg)),
-    )
     try:
+        ctx = rank_context(cfg, fabric.global_rank, fabric.world_size, fabric.local_rank,
+                           fabric.device)
         return worker(ctx, cfg)
     except BaseException as err:
         # Each failing rank says why: the launcher may report a peer's "connection closed"
         # first, which hides the cause.
-        print(f"paraflow: rank {ctx.rank} failed: {type(err).__name__}: {err}", file=sys.stderr,
-              flush=True)
+        print(f"paraflow: rank {fabric.global_rank} failed: {type(err).__name__}: {err}",
+              file=sys.stderr, flush=True)
         raise
     finally:
         torch.set_num_threads(previous_threads)

@@ -4,15 +4,16 @@ through the stage graph in batches, gather, and (rank 0) write the outputs."""
 from __future__ import annotations
 
 import platform
-import resource
 import time
+import warnings
 from importlib.metadata import version
 from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from paraflow.adapters import vae_scale_factor
+from paraflow import memory
+from paraflow.adapters import unknown_words, vae_scale_factor
 from paraflow.context import ParallelContext
 from paraflow.graph import StageEnv, StageGraph
 from paraflow.models import load_pipeline
@@ -26,12 +27,6 @@ FAULT_ENV = "PARAFLOW_FAIL_RANK"  # tests: make this rank raise mid-run
 def expanded_prompts(cfg: DictConfig) -> list[str]:
     """One prompt per image, in output order: each prompt repeated images_per_prompt times."""
     return [p for p in prompts_of(cfg) for _ in range(int(cfg.images_per_prompt))]
-
-
-def peak_memory_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 def parameter_bytes(pipe: Any) -> dict[str, int]:
@@ -59,12 +54,24 @@ def _maybe_fail(ctx: ParallelContext) -> None:
         raise RuntimeError(f"injected failure on rank {ctx.rank} ({FAULT_ENV})")
 
 
+def warn_unknown_words(tokenizer: Any, texts: list[str]) -> None:
+    """A small model knows few words: say which ones of the prompts it will not understand (the
+    run still goes on). Only word-level tokenizers have unknown words; CLIP's BPE never does."""
+    unknown = unknown_words(tokenizer, texts)
+    if unknown:
+        known = sorted(set(tokenizer.get_vocab()) - set(tokenizer.all_special_tokens))
+        warnings.warn(f"the model does not know the word(s) {', '.join(unknown)}; they are "
+                      f"ignored. It knows: {' '.join(known)}", UserWarning, stacklevel=2)
+
+
 def run_on_rank(ctx: ParallelContext, cfg: DictConfig) -> dict[str, Any] | None:
     pipe = load_pipeline(cfg.model, cfg.scheduler)
     strategy = build_strategy(cfg.strategy)
     strategy.setup(ctx)
     strategy.parallelize(pipe, ctx)
     prompts = expanded_prompts(cfg)
+    if ctx.is_main:
+        warn_unknown_words(pipe.tokenizer, [*prompts, cfg.negative_prompt or ""])
     mine = strategy.assign_images(len(prompts), ctx)
     factor = vae_scale_factor(pipe)
     latent_shape = (pipe.unet.config.in_channels, cfg.height // factor, cfg.width // factor)
@@ -74,6 +81,7 @@ def run_on_rank(ctx: ParallelContext, cfg: DictConfig) -> dict[str, Any] | None:
     batch = int(cfg.pipeline.max_batch)
 
     ctx.comm.barrier()  # time the generation only, from a common start
+    held = memory.start_window(ctx.device)
     start = time.perf_counter()
     with torch.inference_mode():
         for first in range(0, len(mine), batch):
@@ -82,16 +90,19 @@ def run_on_rank(ctx: ParallelContext, cfg: DictConfig) -> dict[str, Any] | None:
             _maybe_fail(ctx)
         gathered = strategy.gather(sink, ctx)
     latency = time.perf_counter() - start
+    working = memory.window_peak_bytes(ctx.device, held)
 
     comm_bytes = ctx.comm.total_bytes
     per_step = {str(k): v for k, v in ctx.comm.bytes_by_step.items()}
     stats = ctx.comm.gather_objects(
         {"comm_bytes": comm_bytes, "comm_bytes_per_step": per_step,
-         "peak_memory_bytes": peak_memory_bytes(ctx.device), "latency_s": latency,
+         "peak_memory_bytes": memory.process_peak_bytes(ctx.device),
+         "working_memory_bytes": working, "latency_s": latency,
          "stages": dict(env.seconds), "n_images": len(mine),
          "param_bytes": parameter_bytes(pipe)})
     if not ctx.is_main:
         return None
+    mesh_layout = getattr(strategy, "mesh_layout", None)  # named dimensions, outermost first
     record = {
         "strategy": strategy.name,
         "world_size": ctx.world_size,
@@ -106,12 +117,14 @@ def run_on_rank(ctx: ParallelContext, cfg: DictConfig) -> dict[str, Any] | None:
         "comm_bytes": [s["comm_bytes"] for s in stats],
         "comm_bytes_per_step": [s["comm_bytes_per_step"] for s in stats],
         "peak_memory_bytes": [s["peak_memory_bytes"] for s in stats],
+        "working_memory_bytes": [s["working_memory_bytes"] for s in stats],
         "param_bytes": {k: [s["param_bytes"][k] for s in stats] for k in stats[0]["param_bytes"]},
         "images_per_rank": [s["n_images"] for s in stats],
         "threads_per_rank": torch.get_num_threads(),
         "device": str(ctx.device),
         "link": ctx.comm.link.label() if ctx.comm.link is not None else "real transport",
         "strategy_mode": getattr(strategy, "mode", strategy.name),
+        "mesh": mesh_layout(ctx.world_size) if callable(mesh_layout) else None,
         "config": OmegaConf.to_container(cfg, resolve=True),
         "versions": versions(),
     }

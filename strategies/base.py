@@ -6,7 +6,9 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from paraflow.comm import Communicator
 from paraflow.context import ParallelContext
+from paraflow.mesh import Layout
 from paraflow.outputs import OutputSink
 
 
@@ -19,6 +21,8 @@ class Strategy(Protocol):
     assign_images: which global image indices this rank pushes through the stage graph.
     gather: collect every rank's outputs; the result matters on rank 0 only, which writes.
     on_step: called by the denoising loop before each step (displaced patch needs the counter).
+    mesh_layout (optional): the named mesh dimensions for a world size (paraflow/mesh.py); the
+        launcher builds ctx.mesh from it.
     """
 
     name: str
@@ -51,23 +55,29 @@ class ReplicatedModel:
     def assign_images(self, n_images: int, ctx: ParallelContext) -> list[int]:
         return list(range(n_images))
 
-    def gather(self, sink: OutputSink, ctx: ParallelContext) -> OutputSink:
-        """All-gather the (uneven) per-rank results; ranks that made the same index agree."""
-        if ctx.world_size == 1:
-            return sink
-        comm, ids = ctx.comm, sorted(sink.images)
-        id_tensor = torch.tensor(ids, dtype=torch.int64, device=ctx.device)
-        all_ids = comm.all_gather_uneven(id_tensor)
-        images = torch.from_numpy(sink.stacked_images(ids)).to(ctx.device)
-        all_images = comm.all_gather_uneven(images)
-        gathered = OutputSink(sink.image_shape, sink.latent_shape, sink.keep_latents)
-        for rank_ids, rank_images in zip(all_ids, all_images):
-            for row, image_id in enumerate(rank_ids.tolist()):
-                gathered.images[image_id] = rank_images[row].cpu().numpy()
-        if sink.keep_latents:
-            lat = sink.stacked_latents(ids).to(ctx.device)
-            for rank_ids, rank_lat in zip(all_ids, comm.all_gather_uneven(lat)):
-                for row, image_id in enumerate(rank_ids.tolist()):
-                    gathered.latents[image_id] = rank_lat[row].cpu()
-        return gathered
+    def mesh_layout(self, world_size: int) -> Layout | None:
+        return None  # no named dimensions
 
+    def gather(self, sink: OutputSink, ctx: ParallelContext) -> OutputSink:
+        return gather_by_index(sink, ctx.comm, ctx.device)
+
+
+def gather_by_index(sink: OutputSink, comm: Communicator, device: torch.device) -> OutputSink:
+    """All-gather the (uneven) per-rank results over `comm`; ranks that made the same index
+    agree."""
+    if comm.world_size == 1:
+        return sink
+    ids = sorted(sink.images)
+    all_ids = comm.all_gather_uneven(torch.tensor(ids, dtype=torch.int64, device=device))
+    images = torch.from_numpy(sink.stacked_images(ids)).to(device)
+    all_images = comm.all_gather_uneven(images)
+    gathered = OutputSink(sink.image_shape, sink.latent_shape, sink.keep_latents)
+    for rank_ids, rank_images in zip(all_ids, all_images):
+        for row, image_id in enumerate(rank_ids.tolist()):
+            gathered.images[image_id] = rank_images[row].cpu().numpy()
+    if sink.keep_latents:
+        lat = sink.stacked_latents(ids).to(device)
+        for rank_ids, rank_lat in zip(all_ids, comm.all_gather_uneven(lat)):
+            for row, image_id in enumerate(rank_ids.tolist()):
+                gathered.latents[image_id] = rank_lat[row].cpu()
+    return gathered

@@ -4,6 +4,7 @@ out in contiguous blocks, larger blocks first when the split is uneven; rank 0 w
 from __future__ import annotations
 
 from paraflow.context import ParallelContext
+from paraflow.mesh import Layout
 from strategies.base import ReplicatedModel
 
 
@@ -16,6 +17,9 @@ def split_evenly(n_items: int, n_parts: int, part: int) -> range:
 
 class DataStrategy(ReplicatedModel):
     name = "data"
+
+    def mesh_layout(self, world_size: int) -> Layout | None:
+        return {"data": world_size}  # a 1-D mesh: rank = replica
 
     def assign_images(self, n_images: int, ctx: ParallelContext) -> list[int]:
         return list(split_evenly(n_images, ctx.world_size, ctx.rank))

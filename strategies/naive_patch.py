@@ -11,5 +11,5 @@ class NaivePatch(PatchParallel):
     name = "naive_patch"
     exchange = False
 
-    def __init__(self, cfg_split: bool = False) -> None:
-        super().__init__(cfg_split=cfg_split)
+    def __init__(self, cfg_split: bool = False, data_degree: int = 1) -> None:
+        super().__init__(cfg_split=cfg_split, data_degree=data_degree)

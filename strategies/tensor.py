@@ -1,4 +1,6 @@
-"""Tensor parallelism: the denoiser's weights split over the N ranks of the mesh dimension `tensor`.
+"""Tensor parallelism: the denoiser's weights split over the N ranks of the mesh dimension `tensor`
+(the whole world, or what is left of it after `data_degree` replicas and the guidance split:
+mesh data × cfg × tensor, paraflow/mesh.py).
 
 Every rank runs every image through the whole network, holding ~1/N of the split layers:
 
@@ -31,10 +33,20 @@ from typing import Any, Literal, cast, get_args
 from omegaconf import DictConfig
 from torch import nn
 
-from paraflow.comm import Communicator
 from paraflow.context import ParallelContext
 from paraflow.errors import ParaflowError
+from paraflow.mesh import (
+    Layout,
+    check_cfg_split,
+    dim_comm,
+    hybrid_layout,
+    layout_label,
+    mesh_of,
+    world_of,
+)
 from paraflow.outputs import OutputSink
+from strategies.guidance import GuidanceSplit
+from strategies.replicas import DataReplicas
 from strategies.tensor_layers import (
     InputShardedConv2d,
     Reduce,
@@ -170,56 +182,63 @@ def apply_plan(model: nn.Module, splits: list[PlannedSplit], mesh: Any, n: int, 
         finish_rowwise(cast(nn.Linear, modules[name]), reduce, bias)
 
 
-def tensor_mesh(ctx: ParallelContext) -> Any:
-    """The context's mesh dimension `tensor` when it has a mesh (hybrid layouts), else a 1-D mesh
-    over all ranks."""
-    from torch.distributed.device_mesh import init_device_mesh
-
-    mesh = getattr(ctx, "mesh", None)
-    if mesh is not None and MESH_DIM in (mesh.mesh_dim_names or ()):
-        return mesh[MESH_DIM]
-    return init_device_mesh(ctx.device.type, (ctx.world_size,), mesh_dim_names=(MESH_DIM,))
-
-
-def tensor_reduce(ctx: ParallelContext, mesh: Any) -> Reduce:
-    """Sum over the mesh's ranks through the communicator (so the bytes are counted): the
-    context's own when the mesh spans the world, else one on the mesh's group that counts into
-    the context's books."""
-    if mesh.size() == ctx.world_size:
-        return ctx.comm.all_reduce
-    sub = Communicator(mesh.get_group(), mesh.size(), mesh.get_local_rank(), parent=ctx.comm)
-    return sub.all_reduce
-
-
 class TensorStrategy:
-    """Tensor parallelism (see the module docstring): every rank makes every image, rank 0
-    writes them."""
+    """Tensor parallelism (see the module docstring): every rank of a replica makes every image
+    of the replica, rank 0 writes them all."""
 
     name = "tensor"
 
-    def __init__(self, plan: Mapping[str, str] | None = None, component: str = "unet") -> None:
+    def __init__(self, plan: Mapping[str, str] | None = None, component: str = "unet",
+                 cfg_split: bool = False, data_degree: int = 1) -> None:
         self.plan = dict(plan or {})
         self.component = component
+        self.cfg_split, self.data_degree = bool(cfg_split), int(data_degree)
         self.splits: list[PlannedSplit] = []
-        self.mesh: Any = None
+        self.mesh: Any = None  # the `tensor` sub-mesh DTensor shards over
+        self.reduce: Reduce | None = None
+        self.guidance: GuidanceSplit | None = None
+        self.replicas = DataReplicas()
         if not self.plan:
             raise ParaflowError("strategy.plan is empty: give module-name globs and styles "
                                 f"({', '.join(STYLES)}), as conf/strategy/tensor.yaml does")
 
+    @property
+    def mode(self) -> str:
+        return layout_label(self.name, self.cfg_split, self.data_degree)
+
+    def mesh_layout(self, world_size: int) -> Layout:
+        return hybrid_layout(world_size, self.data_degree, self.cfg_split, MESH_DIM)
+
     def degree(self, cfg: DictConfig) -> int:
-        return int(cfg.launcher.devices) * int(cfg.launcher.num_nodes)
+        """The ranks the weights are split over (the `tensor` dimension)."""
+        return self.mesh_layout(world_of(cfg))[MESH_DIM]
 
     def validate(self, cfg: DictConfig) -> None:
-        """Before any rank starts: the plan against the denoiser built on the meta device."""
+        """Before any rank starts: the mesh, then the plan against the denoiser built on the
+        meta device."""
         from paraflow.models import denoiser_skeleton
 
+        if self.cfg_split:
+            check_cfg_split(cfg)
+        world = world_of(cfg)
+        layout = self.mesh_layout(world)
         skeleton = denoiser_skeleton(cfg.model)
         if skeleton is not None:
-            check_divisible(resolve_plan(skeleton, self.plan), self.degree(cfg))
+            n = layout[MESH_DIM]
+            what = "ranks" if n == world else (
+                f"tensor ranks ({world} = data {layout['data']} × cfg {layout['cfg']} × tensor "
+                f"{n})")
+            check_divisible(resolve_plan(skeleton, self.plan), n, what)
 
     def setup(self, ctx: ParallelContext) -> None:
-        if ctx.world_size > 1:
-            self.mesh = tensor_mesh(ctx)
+        mesh = mesh_of(ctx, self.mesh_layout(ctx.world_size))
+        if mesh is None:
+            return
+        self.mesh = mesh[MESH_DIM]
+        self.reduce = dim_comm(ctx, mesh, MESH_DIM).all_reduce
+        if self.cfg_split:
+            self.guidance = GuidanceSplit(dim_comm(ctx, mesh, "cfg"))
+        self.replicas = DataReplicas.of(ctx, mesh)
 
     def parallelize(self, pipe: Any, ctx: ParallelContext) -> None:
         model = getattr(pipe, self.component, None)
@@ -227,17 +246,19 @@ class TensorStrategy:
             raise ParaflowError(f"strategy.component={self.component}: the pipeline has no such "
                                 "module")
         self.splits = resolve_plan(model, self.plan)
-        if self.mesh is None:
+        if self.guidance is not None:
+            self.guidance.install(model)
+        if self.mesh is None or self.reduce is None or self.mesh.size() == 1:
             return
         n, rank = self.mesh.size(), self.mesh.get_local_rank()
         check_divisible(self.splits, n)
-        apply_plan(model, self.splits, self.mesh, n, rank, tensor_reduce(ctx, self.mesh))
+        apply_plan(model, self.splits, self.mesh, n, rank, self.reduce)
 
     def assign_images(self, n_images: int, ctx: ParallelContext) -> list[int]:
-        return list(range(n_images))
+        return self.replicas.assign(n_images)
 
     def gather(self, sink: OutputSink, ctx: ParallelContext) -> OutputSink:
-        return sink  # every rank computed the same images; rank 0 writes its own
+        return self.replicas.gather(sink, ctx)  # within a replica every rank made the same
 
     def on_step(self, step: int, ctx: ParallelContext) -> None:
         return None

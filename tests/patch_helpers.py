@@ -15,9 +15,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from paraflow.api import compose
-from paraflow.comm import Communicator
 from paraflow.context import ParallelContext
-from paraflow.launcher import launch
+from paraflow.launcher import launch, rank_context
 from paraflow.run import run_on_rank
 from paraflow.validate import validate
 
@@ -34,10 +33,10 @@ def config(overrides: list[str], out: Path) -> DictConfig:
 
 def _run_all(ctx: ParallelContext, cfg: DictConfig, runs: list[dict[str, Any]]) -> list[Any]:
     out = []
-    for run in runs:  # a fresh communicator per run, so each record counts its own bytes
-        comm = Communicator(ctx.comm.group, ctx.world_size, ctx.rank, ctx.comm.link)
-        fresh = ParallelContext(ctx.rank, ctx.world_size, ctx.local_rank, ctx.device, comm)
-        out.append(run_on_rank(fresh, OmegaConf.create(run)))
+    for run in runs:  # a fresh context per run: its own byte count, its own mesh
+        run_cfg = OmegaConf.create(run)
+        fresh = rank_context(run_cfg, ctx.rank, ctx.world_size, ctx.local_rank, ctx.device)
+        out.append(run_on_rank(fresh, run_cfg))
     return out
 
 

@@ -74,7 +74,7 @@ def test_compose_errors_name_the_value(overrides: list[str], needle: str) -> Non
 
 
 @pytest.mark.parametrize("overrides,needle", [
-    (["height=60"], "height=60: must be a positive multiple of 8"),
+    (["height=62"], "height=62: must be a positive multiple of 4"),
     (["width=0"], "width=0"),
     (["steps=0"], "steps=0: must be at least 1"),
     (["guidance_scale=-1"], "guidance_scale=-1"),
@@ -113,7 +113,7 @@ def test_incomplete_and_unsupported_folders(tmp_path: Path) -> None:
     (["+strategy=nonexistent"], "Could not find 'strategy/nonexistent'"),
     (["model=nonexistent"], "Could not find 'model/nonexistent'"),
     (["heigth=64"], "heigth"),
-    (["height=65"], "height=65: must be a positive multiple of 8"),
+    (["height=65"], "height=65: must be a positive multiple of 4"),
     (["steps=0"], "steps=0"),
     (["guidance_scale=-2"], "guidance_scale=-2"),
     (["model=pretrained", "model.path=/no/such/folder"], "no such folder"),

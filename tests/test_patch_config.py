@@ -45,7 +45,7 @@ def test_misspelt_keys_and_values_fail_at_compose(override: str) -> None:
 ])
 def test_bad_layouts_fail_before_launch(overrides: list[str], message: str,
                                         tmp_path: Path) -> None:
-    cfg = compose(["+strategy=sync_patch", "launcher.devices=2", *overrides])
+    cfg = compose(["model=tiny_random", "+strategy=sync_patch", "launcher.devices=2", *overrides])
     with pytest.raises(ParaflowError, match=message):
         validate(cfg, tmp_path)
 

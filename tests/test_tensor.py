@@ -209,7 +209,7 @@ def count_collectives(ctx: ParallelContext, cfg: DictConfig) -> dict[str, int]:
 
 
 def test_every_collective_goes_through_the_communicator() -> None:
-    cfg = compose([*TENSOR_2, "launcher.threads_per_rank=1"])
+    cfg = compose(["model=tiny_random", *TENSOR_2, "launcher.threads_per_rank=1"])
     tally = launch(cfg, count_collectives)
     # 7 transformer blocks × (attn1, attn2, ff) + 11 ResNet blocks: one all-reduce each.
     assert tally == {"setup": 0, "forward": 32, "counted": 32}
@@ -226,5 +226,5 @@ def test_every_collective_goes_through_the_communicator() -> None:
 def test_indivisible_heads_refused_before_launch(overrides: list[str], message: str,
                                                  tmp_path: Path) -> None:
     with pytest.raises(ParaflowError, match=message):
-        run_paraflow(tmp_path / "run", ["+strategy=tensor", *overrides])
+        run_paraflow(tmp_path / "run", ["model=tiny_random", "+strategy=tensor", *overrides])
     assert not (tmp_path / "run").exists()

@@ -19,10 +19,12 @@ class Decode:
         vae = env.pipe.vae
         scaled = latents_to_vae_input(vae, latents.to(env.device, env.dtype))
         parallel = StageParallel(getattr(env.spec, "parallel", StageParallel.none))
-        if parallel is StageParallel.patch and env.ctx.world_size > 1:
+        # The ranks holding the same image: a data replica in hybrid layouts, else all.
+        comm = getattr(env.strategy, "image_comm", None) or env.ctx.comm
+        if parallel is StageParallel.patch and comm.world_size > 1:
             from strategies.patch.vae import patch_decode
 
-            pixels = patch_decode(vae, scaled, env.ctx.comm)
+            pixels = patch_decode(vae, scaled, comm)
         else:
             pixels = vae.decode(scaled, return_dict=False)[0]
         return {"pixels": pixels.float()}

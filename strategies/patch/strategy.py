@@ -1,6 +1,7 @@
 """What every patch-parallel strategy shares: one image cut into bands of rows over the ranks
 (optionally after splitting the guidance batch over two halves of the ranks), every rank making
-every image, rank 0 writing."""
+every image, rank 0 writing. With `data_degree` > 1 the ranks form data replicas first (mesh
+data × cfg × patch, paraflow/mesh.py): each replica makes its block of the images this way."""
 
 from __future__ import annotations
 
@@ -8,8 +9,19 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from paraflow.comm import Communicator
 from paraflow.context import ParallelContext
 from paraflow.errors import ParaflowError
+from paraflow.mesh import (
+    Layout,
+    check_cfg_split,
+    dim_comm,
+    hybrid_layout,
+    layout_label,
+    mesh_of,
+    replica_comm,
+    world_of,
+)
 from paraflow.outputs import OutputSink
 from paraflow.validate import model_factor
 from strategies.base import ReplicatedModel
@@ -17,7 +29,9 @@ from strategies.patch.adapter import configured_downsampling, unet_downsampling
 from strategies.patch.bands import check_layout
 from strategies.patch.layers import swap_patch_layers
 from strategies.patch.state import GroupNormMode, PatchState
-from strategies.patch.unet import Layout, PatchUNetHooks
+from strategies.patch.unet import Layout as BandLayout
+from strategies.patch.unet import PatchUNetHooks
+from strategies.replicas import DataReplicas
 
 
 def batch_groups(world_size: int, cfg_split: bool) -> list[list[int]]:
@@ -39,50 +53,63 @@ class PatchParallel(ReplicatedModel):
 
     def __init__(self, cfg_split: bool = False, warmup_steps: int = 0, displaced: bool = False,
                  groupnorm: str = "corrected_async", frozen: bool = False,
-                 bucket_mb: float = 4.0) -> None:
-        self.cfg_split = bool(cfg_split)
+                 bucket_mb: float = 4.0, data_degree: int = 1) -> None:
+        self.cfg_split, self.data_degree = bool(cfg_split), int(data_degree)
         self.displaced, self.warmup_steps, self.frozen = displaced, int(warmup_steps), frozen
         self.groupnorm = GroupNormMode(groupnorm)
         self.bucket_bytes = int(bucket_mb * (1 << 20))
         self.state: PatchState | None = None
-        self.layout: Layout | None = None
+        self.layout: BandLayout | None = None
+        self.image_comm: Communicator | None = None  # the ranks sharing an image (patch decode)
+        self.replicas = DataReplicas()
 
     @property
     def mode(self) -> str:
         """A label for messages and run records."""
-        parts = [self.name]
+        name = self.name
         if self.displaced:
-            parts.append(f"groupnorm={self.groupnorm.value}, warmup_steps={self.warmup_steps}"
-                         + (", frozen" if self.frozen else ""))
-        if self.cfg_split:
-            parts.append("cfg_split")
-        return " ".join(parts)
+            name += (f" groupnorm={self.groupnorm.value}, warmup_steps={self.warmup_steps}"
+                     + (", frozen" if self.frozen else ""))
+        return layout_label(name, self.cfg_split, self.data_degree)
+
+    def mesh_layout(self, world_size: int) -> Layout | None:
+        """data × cfg × patch; None for one replica with uneven guidance halves (an odd rank
+        count), which no grid expresses and which earlier versions allowed."""
+        if self.cfg_split and self.data_degree == 1 and world_size % 2:
+            return None
+        return hybrid_layout(world_size, self.data_degree, self.cfg_split, "patch",
+                             uneven_cfg=True)
 
     def validate(self, cfg: DictConfig) -> None:
-        """Checks before any rank starts: guidance split needs, band thickness."""
-        world_size = int(cfg.launcher.devices) * int(cfg.launcher.num_nodes)
+        """Checks before any rank starts: guidance split needs, the mesh, band thickness."""
+        world_size = world_of(cfg)
         if self.cfg_split:
-            if world_size < 2:
-                raise ParaflowError("strategy.cfg_split=true needs at least 2 ranks "
-                                    f"(launcher.devices={world_size})")
-            if float(cfg.guidance_scale) <= 1.0:
-                raise ParaflowError(f"strategy.cfg_split=true splits the two guidance branches "
-                                    f"but guidance_scale={cfg.guidance_scale} turns guidance off;"
-                                    " use guidance_scale > 1 or cfg_split=false")
+            check_cfg_split(cfg)
+        layout = self.mesh_layout(world_size)
         if self.warmup_steps < 0:
             raise ParaflowError(f"strategy.warmup_steps={self.warmup_steps}: must be >= 0")
         unit = configured_downsampling(cfg.model)
         if unit is not None:
-            bands = max(len(g) for g in batch_groups(world_size, self.cfg_split))
+            bands = (layout["patch"] if layout is not None
+                     else max(len(g) for g in batch_groups(world_size, self.cfg_split)))
             check_layout(int(cfg.height), model_factor(cfg.model), bands, unit)
 
     def setup(self, ctx: ParallelContext) -> None:
-        groups = batch_groups(ctx.world_size, self.cfg_split)
-        band_comm = ctx.comm.split(groups)
+        mesh = mesh_of(ctx, self.mesh_layout(ctx.world_size))
+        if mesh is None:  # one rank, or uneven guidance halves: bands from the world's ranks
+            replica = ctx.comm
+            groups = batch_groups(ctx.world_size, self.cfg_split)
+            band_comm = ctx.comm.split(groups)
+        else:  # replica-local ranks run row-major over (cfg, patch), as batch_groups lays out
+            replica = replica_comm(ctx, mesh)
+            groups = batch_groups(replica.world_size, self.cfg_split)
+            band_comm = dim_comm(ctx, mesh, "patch")
+        self.replicas = DataReplicas.of(ctx, mesh)
+        self.image_comm = replica
         self.state = PatchState(band_comm, displaced=self.displaced,
                                 warmup_steps=self.warmup_steps, frozen=self.frozen,
                                 groupnorm=self.groupnorm, bucket_bytes=self.bucket_bytes)
-        self.layout = Layout(ctx.comm, groups, 1)
+        self.layout = BandLayout(replica, groups, 1)
 
     def parallelize(self, pipe: Any, ctx: ParallelContext) -> None:
         if self.state is None or self.layout is None:
@@ -97,10 +124,10 @@ class PatchParallel(ReplicatedModel):
             self.state.begin_step(step)
 
     def assign_images(self, n_images: int, ctx: ParallelContext) -> list[int]:
-        return list(range(n_images))  # every rank works on every image
+        return self.replicas.assign(n_images)  # every rank of a replica works on its images
 
     def gather(self, sink: OutputSink, ctx: ParallelContext) -> OutputSink:
-        """Every rank already holds every image: wait for stray transfers, rank 0 writes."""
+        """Wait for stray transfers; the replicas' images to rank 0, which writes."""
         if self.state is not None:
             self.state.drain()
-        return sink
+        return self.replicas.gather(sink, ctx)
