@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -65,10 +66,11 @@ def run_steps(phase: str, steps: int, start: int, step_fn: Callable[[int], float
     with log.open("a") as out, tqdm(desc=phase, initial=start, total=steps,
                                     dynamic_ncols=True) as bar:
         if new_log:
-            out.write("phase,step,loss\n")
+            out.write("phase,step,loss,seconds\n")  # seconds: wall time since this launch
+        began = time.perf_counter()
         for step in range(start, end):
             loss = step_fn(step)
-            out.write(f"{phase},{step},{loss:.6f}\n")
+            out.write(f"{phase},{step},{loss:.6f},{time.perf_counter() - began:.1f}\n")
             bar.update()
             bar.set_postfix(loss=f"{loss:.4f}")
             if (step + 1) % every == 0 or step + 1 == end:
