@@ -20,14 +20,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import OmegaConf, open_dict
 from PIL import Image
 from safetensors.torch import load_file
 
 from paraflow.api import compose
-from paraflow.context import ParallelContext
-from paraflow.launcher import launch, rank_context
-from paraflow.run import run_on_rank
+from paraflow.launcher import launch
+from paraflow.run import run_each_on_rank
 
 
 def patch_runs(warmup: int) -> dict[str, list[str]]:
@@ -43,15 +42,6 @@ def patch_runs(warmup: int) -> dict[str, list[str]]:
 PCIE = ["launcher.link.bandwidth_gb_s=16", "launcher.link.latency_us=10"]
 
 
-def _run_all(ctx: ParallelContext, cfg: DictConfig, runs: list[dict[str, Any]]) -> list[Any]:
-    out = []
-    for run in runs:  # a fresh context per run: its own byte count, its own mesh
-        run_cfg = OmegaConf.create(run)
-        fresh = rank_context(run_cfg, ctx.rank, ctx.world_size, ctx.local_rank, ctx.device)
-        out.append(run_on_rank(fresh, run_cfg))
-    return out
-
-
 def _launch(overrides_list: list[list[str]], out: Path, tag: str) -> list[dict[str, Any]]:
     cfgs = []
     for i, overrides in enumerate(overrides_list):
@@ -63,7 +53,7 @@ def _launch(overrides_list: list[list[str]], out: Path, tag: str) -> list[dict[s
         dict(OmegaConf.to_container(c, resolve=True, enum_to_str=True))  # type: ignore[arg-type]
         for c in cfgs]
     warm = {**runs[0], "output_dir": str(out / f"{tag}_warmup")}  # one-time costs, discarded
-    result = launch(cfgs[0], functools.partial(_run_all, runs=[warm, *runs]))
+    result = launch(cfgs[0], functools.partial(run_each_on_rank, runs=[warm, *runs]))
     return list(result or [])[1:]
 
 

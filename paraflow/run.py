@@ -131,3 +131,17 @@ def run_on_rank(ctx: ParallelContext, cfg: DictConfig) -> dict[str, Any] | None:
     images = write_outputs(cfg.output_dir, gathered, record)
     return {**record, "images": images, "output_dir": cfg.output_dir}
 
+
+def run_each_on_rank(ctx: ParallelContext, cfg: DictConfig,
+                     runs: list[dict[str, Any]]) -> list[Any]:
+    """Several runs one after another in one launch (benchmarks, tests): each gets a fresh
+    context, so its own byte count and its own mesh. `cfg` is the launch's (unused here)."""
+    from paraflow.launcher import rank_context
+
+    records = []
+    for run in runs:
+        run_cfg = OmegaConf.create(run)
+        fresh = rank_context(run_cfg, ctx.rank, ctx.world_size, ctx.local_rank, ctx.device)
+        records.append(run_on_rank(fresh, run_cfg))
+    return records
+

@@ -16,8 +16,8 @@ from safetensors.torch import load_file
 
 from paraflow.api import compose
 from paraflow.context import ParallelContext
-from paraflow.launcher import launch, rank_context
-from paraflow.run import run_on_rank
+from paraflow.launcher import launch
+from paraflow.run import run_each_on_rank, run_on_rank
 from paraflow.validate import validate
 
 BASE = ["save_latents=true", "pipeline.progress=false", "launcher.threads_per_rank=1"]
@@ -31,15 +31,6 @@ def config(overrides: list[str], out: Path) -> DictConfig:
     return cfg
 
 
-def _run_all(ctx: ParallelContext, cfg: DictConfig, runs: list[dict[str, Any]]) -> list[Any]:
-    out = []
-    for run in runs:  # a fresh context per run: its own byte count, its own mesh
-        run_cfg = OmegaConf.create(run)
-        fresh = rank_context(run_cfg, ctx.rank, ctx.world_size, ctx.local_rank, ctx.device)
-        out.append(run_on_rank(fresh, run_cfg))
-    return out
-
-
 def run_many(cfgs: list[DictConfig]) -> list[dict[str, Any]]:
     """Run every config (same launcher.devices) one after another in one launch; rank 0's
     records, in order."""
@@ -47,7 +38,7 @@ def run_many(cfgs: list[DictConfig]) -> list[dict[str, Any]]:
     devices = {int(c.launcher.devices) for c in cfgs}
     if len(devices) != 1:
         raise ValueError(f"one launch needs one world size, got {devices}")
-    result = launch(cfgs[0], functools.partial(_run_all, runs=runs))
+    result = launch(cfgs[0], functools.partial(run_each_on_rank, runs=runs))
     assert result is not None
     return list(result)
 
