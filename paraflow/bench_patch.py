@@ -4,7 +4,9 @@ side by side, on the real transport and on a modeled link; medians over repeats.
     python -m paraflow.bench_patch --size 256 --steps 20 --repeats 3 --out bench/patch
 
 Writes bench_patch.json and bench_patch.md in --out: latency, speedup over 1×1, PSNR of the image
-(and of the final latents) against 1×1, bytes per step and per image, peak memory per rank.
+(and of the final latents) against 1×1, bytes per step and per image, the process peak per rank,
+and the working memory per rank from a separate pass (paraflow.memory.track_live_tensors; it slows
+allocation, so it is not timed).
 Every run of one world size and link shares one launch (runs interleaved, so drift hits all).
 """
 
@@ -26,6 +28,7 @@ from safetensors.torch import load_file
 
 from paraflow.api import compose
 from paraflow.launcher import launch
+from paraflow.memory import track_live_tensors
 from paraflow.run import run_each_on_rank
 
 
@@ -42,7 +45,14 @@ def patch_runs(warmup: int) -> dict[str, list[str]]:
 PCIE = ["launcher.link.bandwidth_gb_s=16", "launcher.link.latency_us=10"]
 
 
-def _launch(overrides_list: list[list[str]], out: Path, tag: str) -> list[dict[str, Any]]:
+def _runs_tracking_memory(ctx: Any, cfg: Any, runs: list[dict[str, Any]]) -> list[Any]:
+    """run_each_on_rank with the resident set following live tensors (the memory pass)."""
+    track_live_tensors()
+    return run_each_on_rank(ctx, cfg, runs)
+
+
+def _launch(overrides_list: list[list[str]], out: Path, tag: str,
+            memory_pass: bool = False) -> list[dict[str, Any]]:
     cfgs = []
     for i, overrides in enumerate(overrides_list):
         cfg = compose(overrides)
@@ -53,7 +63,8 @@ def _launch(overrides_list: list[list[str]], out: Path, tag: str) -> list[dict[s
         dict(OmegaConf.to_container(c, resolve=True, enum_to_str=True))  # type: ignore[arg-type]
         for c in cfgs]
     warm = {**runs[0], "output_dir": str(out / f"{tag}_warmup")}  # one-time costs, discarded
-    result = launch(cfgs[0], functools.partial(run_each_on_rank, runs=[warm, *runs]))
+    worker = _runs_tracking_memory if memory_pass else run_each_on_rank
+    result = launch(cfgs[0], functools.partial(worker, runs=[warm, *runs]))
     return list(result or [])[1:]
 
 
@@ -68,6 +79,22 @@ def _latents(record: dict[str, Any]) -> torch.Tensor:
 def _psnr(a: Any, b: Any, peak: float) -> float:
     mse = float(((a - b) ** 2).mean())
     return math.inf if mse == 0 else 10 * math.log10(peak * peak / mse)
+
+
+def memory_pass(base: list[str], out: Path, warmup: int) -> dict[tuple[str, str], list[float]]:
+    """Working memory per rank (MB) of single, naive, sync, displaced and frozen, one run each
+    after a discarded one, with the resident set following live tensors. Last: a 1-rank launch
+    runs in this process, which keeps the allocator setting."""
+    groups = {k: v for k, v in patch_runs(warmup).items()
+              if "[" not in k or "corrected_async" in k}
+    two = ["launcher.devices=2", "launcher.threads_per_rank=1"]
+    records = _launch([[*base, *v, *two] for v in groups.values()], out, "memory_2x1", True)
+    single = _launch([[*base, "launcher.devices=1", "launcher.threads_per_rank=1"]], out,
+                     "memory_1x1", True)
+    working = {("single (1 rank x 1 thread)", "1x1"): single[0]["working_memory_bytes"]}
+    working.update({(name, "2x1"): rec["working_memory_bytes"]
+                    for name, rec in zip(groups, records)})
+    return {key: [b / 2**20 for b in value] for key, value in working.items()}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -99,6 +126,7 @@ def main(argv: list[str] | None = None) -> None:
     two = ["launcher.devices=2", "launcher.threads_per_rank=1"]
     measure("2x1", "real", patch_runs(args.warmup), two)
     measure("2x1", "PCIe 16 GB/s, 10 us (modeled)", patch_runs(args.warmup), [*two, *PCIE])
+    working = memory_pass(base, args.out / "runs", args.warmup)
 
     ref = rows[0]["records"][0]
     base_latency = statistics.median(r["latency_s"] for r in rows[0]["records"])
@@ -107,7 +135,7 @@ def main(argv: list[str] | None = None) -> None:
         recs = row["records"]
         latency = statistics.median(r["latency_s"] for r in recs)
         steps = recs[0]["comm_bytes_per_step"][0]
-        per_step = statistics.median([v for k, v in steps.items() if k != "None"] or [0])
+        per_step = statistics.median(steps.values() or [0])
         table.append({
             "run": row["run"], "layout": row["layout"], "link": row["link"],
             "latency_s": latency, "speedup": base_latency / latency,
@@ -117,6 +145,7 @@ def main(argv: list[str] | None = None) -> None:
             "bytes_per_step_per_rank": per_step,
             "bytes_per_image_per_rank": recs[0]["comm_bytes"][0],
             "peak_memory_mb_per_rank": [m / 2**20 for m in recs[0]["peak_memory_bytes"]],
+            "working_memory_mb_per_rank": working.get((row["run"], row["layout"])),
             "latencies_s": [r["latency_s"] for r in recs],
         })
     setup = {"model": args.model, "size": args.size, "steps": args.steps,
@@ -127,13 +156,16 @@ def main(argv: list[str] | None = None) -> None:
     lines = [f"# patch parallelism, {args.model} {args.size}², {args.steps} steps "
              f"({args.warmup} warm-up after the first), median of {args.repeats}", "",
              "| run | layout | link | latency s | speedup | PSNR img dB | PSNR lat dB "
-             "| bytes/step/rank | bytes/image/rank | peak MB/rank |", "|" + "---|" * 10]
+             "| bytes/step/rank | bytes/image/rank | peak MB/rank | working MB/rank |",
+             "|" + "---|" * 11]
     for t in table:
+        work = t["working_memory_mb_per_rank"]
         lines.append(
             f"| {t['run']} | {t['layout']} | {t['link']} | {t['latency_s']:.2f} | "
             f"{t['speedup']:.2f}× | {t['psnr_image_db']:.1f} | {t['psnr_latents_db']:.1f} | "
             f"{t['bytes_per_step_per_rank']:,.0f} | {t['bytes_per_image_per_rank']:,} | "
-            + " / ".join(f"{m:.0f}" for m in t["peak_memory_mb_per_rank"]) + " |")
+            + " / ".join(f"{m:.0f}" for m in t["peak_memory_mb_per_rank"]) + " | "
+            + (" / ".join(f"{m:.0f}" for m in work) if work else "–") + " |")
     (args.out / "bench_patch.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -40,6 +40,7 @@ class Accelerator(str, Enum):
 class StageParallel(str, Enum):
     none = "none"  # every rank runs the stage on its own inputs
     patch = "patch"  # the ranks share one image, one band of rows each (patch strategies)
+    auto = "auto"  # patch where every rank holds the same image (patch strategies), else none
 
 
 class GroupNormMode(str, Enum):

@@ -70,7 +70,13 @@ def _on_rank(fabric: Fabric, worker: Worker[T], cfg_dict: dict[str, Any]) -> T:
     try:
         ctx = rank_context(cfg, fabric.global_rank, fabric.world_size, fabric.local_rank,
                            fabric.device)
-        return worker(ctx, cfg)
+        result = worker(ctx, cfg)
+        if fabric.world_size > 1:
+            # Leave together: a rank that tears down its groups while a peer's transport threads
+            # still talk to it can abort the peer at exit ("terminate called without an active
+            # exception"), seen once in CI.
+            dist.barrier()
+        return result
     except BaseException as err:
         # Each failing rank says why: the launcher may report a peer's "connection closed"
         # first, which hides the cause.

@@ -93,9 +93,11 @@ def run_on_rank(ctx: ParallelContext, cfg: DictConfig) -> dict[str, Any] | None:
     working = memory.window_peak_bytes(ctx.device, held)
 
     comm_bytes = ctx.comm.total_bytes
-    per_step = {str(k): v for k, v in ctx.comm.bytes_by_step.items()}
+    by_step = ctx.comm.bytes_by_step
+    per_step = {str(k): v for k, v in by_step.items() if k is not None}
     stats = ctx.comm.gather_objects(
         {"comm_bytes": comm_bytes, "comm_bytes_per_step": per_step,
+         "comm_bytes_outside_steps": by_step.get(None, 0),  # decode, gathers of results
          "peak_memory_bytes": memory.process_peak_bytes(ctx.device),
          "working_memory_bytes": working, "latency_s": latency,
          "stages": dict(env.seconds), "n_images": len(mine),
@@ -116,6 +118,7 @@ def run_on_rank(ctx: ParallelContext, cfg: DictConfig) -> dict[str, Any] | None:
         "stages": dict(env.seconds),
         "comm_bytes": [s["comm_bytes"] for s in stats],
         "comm_bytes_per_step": [s["comm_bytes_per_step"] for s in stats],
+        "comm_bytes_outside_steps": [s["comm_bytes_outside_steps"] for s in stats],
         "peak_memory_bytes": [s["peak_memory_bytes"] for s in stats],
         "working_memory_bytes": [s["working_memory_bytes"] for s in stats],
         "param_bytes": {k: [s["param_bytes"][k] for s in stats] for k in stats[0]["param_bytes"]},

@@ -11,7 +11,8 @@ from paraflow.graph import StageEnv
 
 class Decode:
     """Final latents → pixels in [-1, 1] with the VAE decoder. With `parallel=patch` (patch
-    strategies: every rank holds the same latents) each rank decodes one band of rows."""
+    strategies: every rank holds the same latents) each rank decodes one band of rows; `auto`
+    (the default) does that under a patch strategy."""
 
     components = ("vae",)
 
@@ -21,6 +22,9 @@ class Decode:
         parallel = StageParallel(getattr(env.spec, "parallel", StageParallel.none))
         # The ranks holding the same image: a data replica in hybrid layouts, else all.
         comm = getattr(env.strategy, "image_comm", None) or env.ctx.comm
+        if parallel is StageParallel.auto:
+            shared = getattr(env.strategy, "replicated_latents", False)
+            parallel = StageParallel.patch if shared else StageParallel.none
         if parallel is StageParallel.patch and comm.world_size > 1:
             from strategies.patch.vae import patch_decode
 

@@ -63,13 +63,12 @@ class PatchSelfAttnProcessor:
         """(B, band tokens, 2D) → (B, image tokens, 2D): every band's K/V in image order."""
         state = self.state
         tokens = state.band.scaled(kv.shape[1])
-        me, longest = state.band.index, max(tokens)
+        longest = max(tokens)
         piece = F.pad(kv, (0, 0, 0, longest - kv.shape[1])) if kv.shape[1] < longest else kv
         if state.synchronous:
             pieces = state.gather(self.key, piece)
         else:
-            pieces = list(state.stale(self.key, piece))
-            pieces[me] = piece
+            pieces = state.stale(self.key, piece)
         whole = torch.cat([p[:, :n] for p, n in zip(pieces, tokens)], dim=1)
         if not state.synchronous:
             state.publish(self.key, piece)

@@ -19,6 +19,7 @@ class PatchGroupNorm(nn.Module):
     def __init__(self, norm: nn.GroupNorm, state: PatchState, key: str) -> None:
         super().__init__()
         self.norm, self.state, self.key = norm, state, key
+        self.previous_sums: torch.Tensor | None = None  # this band's, for groupnorm=stale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         state, norm = self.state, self.norm
@@ -36,11 +37,10 @@ class PatchGroupNorm(nn.Module):
         elif mode is GroupNormMode.separate:
             moments = sums / grouped.shape[-1]
         else:
-            pieces = state.stale(self.key, sums)
-            summed = torch.stack(pieces).sum(0)
-            if mode is GroupNormMode.corrected_async:
-                summed = summed + sums - pieces[state.band.index]
-            moments = summed / total
+            # The other bands' previous sums plus this band's fresh (corrected) or previous ones.
+            own = self.previous_sums if mode is GroupNormMode.stale else None
+            own = sums if own is None else own
+            moments = torch.stack(state.stale(self.key, own)).sum(0) / total
         mean, var = moments[..., 0], moments[..., 1] - moments[..., 0] ** 2
         if mode is GroupNormMode.corrected_async:
             own = sums / grouped.shape[-1]
@@ -50,6 +50,8 @@ class PatchGroupNorm(nn.Module):
         var = var.clamp_min(0)
         if mode in (GroupNormMode.stale, GroupNormMode.corrected_async) and not state.synchronous:
             state.publish(self.key, sums)
+        if state.synchronous or not state.frozen:
+            self.previous_sums = sums
         inv = torch.rsqrt(var + norm.eps).to(x.dtype).unsqueeze(-1)
         out = ((grouped - mean.to(x.dtype).unsqueeze(-1)) * inv).reshape(x.shape)
         if norm.affine:

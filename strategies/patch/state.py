@@ -7,6 +7,11 @@ computes, then `publish`es its fresh piece; published pieces are packed into buc
 `bucket_bytes` and each bucket is sent as one asynchronous all-gather, waited for when its first
 layer asks for it at the next step. `frozen` stops publishing after warm-up (no communication:
 the speed ceiling).
+
+Memory: only the other bands' pieces are kept (a layer always has its own fresh one), only from
+the last synchronous step on, and a layer's stale pieces are dropped once it has read them (the
+next step reads what is in flight now), so the stale buffers hold about (N−1)/N of one step's
+exchanged activations, not a second and third copy.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ class PatchState:
     bucket_bytes: int = 4 << 20
     plan: BandPlan | None = None
     step: int = 0
-    previous: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    previous: dict[str, list[torch.Tensor | None]] = field(default_factory=dict)
     _pending: dict[torch.dtype, list[tuple[str, torch.Tensor]]] = field(default_factory=dict)
     _pending_bytes: int = 0
     _inflight: dict[str, _Bucket] = field(default_factory=dict)
@@ -59,20 +64,24 @@ class PatchState:
         self.step = step
 
     def gather(self, key: str, piece: torch.Tensor) -> list[torch.Tensor]:
-        """Every rank's fresh `piece` now (blocking); kept for the next step when displaced."""
+        """Every rank's fresh `piece` now (blocking); kept for the next step when it is the
+        first displaced one."""
         pieces = self.comm.all_gather(piece)
-        if self.displaced:
-            self.previous[key] = pieces
+        if self.displaced and self.step == self.warmup_steps:
+            self.previous[key] = self._others(pieces)
         return pieces
 
-    def stale(self, key: str, like: torch.Tensor) -> list[torch.Tensor]:
-        """Every rank's piece of layer `key` from the previous step, shaped like `like`."""
+    def stale(self, key: str, own: torch.Tensor) -> list[torch.Tensor]:
+        """Every rank's piece of layer `key`: the other ranks' from the previous step, shaped
+        like `own`, which fills this rank's place."""
         bucket = self._inflight.get(key)
         if bucket is not None:
             self._unpack(bucket)
-        if key not in self.previous:
-            raise RuntimeError(f"no activations of the previous step for layer {key}")
-        return [p.view(like.shape) for p in self.previous[key]]
+        pieces = self.previous.get(key) if self.frozen else self.previous.pop(key, None)
+        if pieces is None:
+            raise RuntimeError(f"no activations of the previous step for layer {key} (a patch "
+                               "layer ran twice in one step, or not in the warm-up)")
+        return [own if p is None else p.view(own.shape) for p in pieces]
 
     def publish(self, key: str, piece: torch.Tensor) -> None:
         """Queue this step's fresh `piece` for the next step (no-op when frozen)."""
@@ -103,8 +112,13 @@ class PatchState:
         for bucket in list(self._inflight.values()):
             self._unpack(bucket)
 
+    def _others(self, pieces: list[torch.Tensor]) -> list[torch.Tensor | None]:
+        """`pieces` without this rank's own (None in its place), so its memory can go."""
+        me = self.comm.rank
+        return [None if rank == me else p for rank, p in enumerate(pieces)]
+
     def _unpack(self, bucket: _Bucket) -> None:
-        flats = bucket.handle.wait()
+        flats = self._others(bucket.handle.wait())
         for key, offset, numel, _ in bucket.entries:
-            self.previous[key] = [f[offset:offset + numel] for f in flats]
+            self.previous[key] = [None if f is None else f[offset:offset + numel] for f in flats]
             self._inflight.pop(key, None)
