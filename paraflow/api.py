@@ -13,6 +13,7 @@ from typing import Any
 
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, open_dict
 
 from paraflow.config import register_configs
@@ -25,9 +26,18 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 
 def compose(overrides: Sequence[str] = ()) -> DictConfig:
+    """The run config the CLI would compose from `overrides`. Works inside another Hydra
+    application too (the benchmark is one): its global state is set aside and put back."""
     register_configs()
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        return hydra_compose("config", overrides=list(overrides))
+    outer = GlobalHydra.instance()
+    previous = outer.hydra if outer.is_initialized() else None
+    outer.clear()
+    try:
+        with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+            return hydra_compose("config", overrides=list(overrides))
+    finally:
+        if previous is not None:
+            GlobalHydra.instance().initialize(previous)
 
 
 def generate(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]:

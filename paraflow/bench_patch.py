@@ -13,23 +13,19 @@ Every run of one world size and link shares one launch (runs interleaved, so dri
 from __future__ import annotations
 
 import argparse
-import functools
 import json
-import math
 import statistics
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf, open_dict
 from PIL import Image
 from safetensors.torch import load_file
 
 from paraflow.api import compose
-from paraflow.launcher import launch
-from paraflow.memory import track_live_tensors
-from paraflow.run import run_each_on_rank
+from paraflow.many import launch_many, prepared
+from paraflow.metrics import psnr
 
 
 def patch_runs(warmup: int) -> dict[str, list[str]]:
@@ -45,27 +41,11 @@ def patch_runs(warmup: int) -> dict[str, list[str]]:
 PCIE = ["launcher.link.bandwidth_gb_s=16", "launcher.link.latency_us=10"]
 
 
-def _runs_tracking_memory(ctx: Any, cfg: Any, runs: list[dict[str, Any]]) -> list[Any]:
-    """run_each_on_rank with the resident set following live tensors (the memory pass)."""
-    track_live_tensors()
-    return run_each_on_rank(ctx, cfg, runs)
-
-
 def _launch(overrides_list: list[list[str]], out: Path, tag: str,
             memory_pass: bool = False) -> list[dict[str, Any]]:
-    cfgs = []
-    for i, overrides in enumerate(overrides_list):
-        cfg = compose(overrides)
-        with open_dict(cfg):
-            cfg.output_dir = str(out / f"{tag}_{i}")
-        cfgs.append(cfg)
-    runs: list[dict[str, Any]] = [
-        dict(OmegaConf.to_container(c, resolve=True, enum_to_str=True))  # type: ignore[arg-type]
-        for c in cfgs]
-    warm = {**runs[0], "output_dir": str(out / f"{tag}_warmup")}  # one-time costs, discarded
-    worker = _runs_tracking_memory if memory_pass else run_each_on_rank
-    result = launch(cfgs[0], functools.partial(worker, runs=[warm, *runs]))
-    return list(result or [])[1:]
+    """Every run (one launch per rank count), after one discarded run."""
+    cfgs = [prepared(compose(o), out / f"{tag}_{i}") for i, o in enumerate(overrides_list)]
+    return launch_many(cfgs, discard_first=True, track_memory=memory_pass)
 
 
 def _image(record: dict[str, Any]) -> np.ndarray:
@@ -74,11 +54,6 @@ def _image(record: dict[str, Any]) -> np.ndarray:
 
 def _latents(record: dict[str, Any]) -> torch.Tensor:
     return load_file(str(Path(record["output_dir"]) / "latents.safetensors"))["latents"]
-
-
-def _psnr(a: Any, b: Any, peak: float) -> float:
-    mse = float(((a - b) ** 2).mean())
-    return math.inf if mse == 0 else 10 * math.log10(peak * peak / mse)
 
 
 def memory_pass(base: list[str], out: Path, warmup: int) -> dict[tuple[str, str], list[float]]:
@@ -139,8 +114,8 @@ def main(argv: list[str] | None = None) -> None:
         table.append({
             "run": row["run"], "layout": row["layout"], "link": row["link"],
             "latency_s": latency, "speedup": base_latency / latency,
-            "psnr_image_db": _psnr(_image(recs[0]), _image(ref), 255.0),
-            "psnr_latents_db": _psnr(_latents(recs[0]), _latents(ref),
+            "psnr_image_db": psnr(_image(recs[0]), _image(ref), 255.0),
+            "psnr_latents_db": psnr(_latents(recs[0]), _latents(ref),
                                      float(_latents(ref).max() - _latents(ref).min())),
             "bytes_per_step_per_rank": per_step,
             "bytes_per_image_per_rank": recs[0]["comm_bytes"][0],

@@ -186,6 +186,7 @@ class RunConfig:
     seed: int = 0
     images_per_prompt: int = 1
     save_latents: bool = False
+    save_trajectory: bool = False  # latents.safetensors also holds the latents of every step
     output_dir: str | None = None  # None: Hydra's run directory
 
 

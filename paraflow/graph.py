@@ -49,6 +49,8 @@ class StageEnv:
     dtype: torch.dtype = torch.float32  # set from the running stage's policy
     spec: Any = None  # the running stage's config (StageConfig)
     seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    # The latents after every denoising step, (batch, steps, C, h, w), when save_trajectory.
+    trajectory: torch.Tensor | None = None
 
 
 @dataclass

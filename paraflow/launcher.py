@@ -10,16 +10,21 @@ A rank that raises makes torch.multiprocessing stop the others; a collective tha
 from __future__ import annotations
 
 import os
+import pickle
+import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
 from datetime import timedelta
 from functools import partial
-from typing import Any, TypeVar
+from pathlib import Path
+from typing import Any, TypeVar, cast
 
 import torch
 import torch.distributed as dist
 from lightning_fabric import Fabric
 from lightning_fabric.strategies import DDPStrategy
+from lightning_fabric.utilities.imports import _IS_INTERACTIVE
 from omegaconf import DictConfig, OmegaConf
 
 from paraflow.comm import Communicator, LinkModel
@@ -93,6 +98,8 @@ def launch(cfg: DictConfig, worker: Worker[T]) -> T:
     """Run `worker(ctx, cfg)` on every rank; return rank 0's result."""
     accelerator = resolve_accelerator(cfg)
     devices, num_nodes = int(cfg.launcher.devices), int(cfg.launcher.num_nodes)
+    if devices * num_nodes > 1 and _IS_INTERACTIVE and not processes_created_externally():
+        return _launch_from_a_script(cfg, worker)
     strategy: Any = "auto"
     if devices * num_nodes > 1:
         strategy = DDPStrategy(
@@ -104,3 +111,24 @@ def launch(cfg: DictConfig, worker: Worker[T]) -> T:
                     strategy=strategy)
     cfg_dict = plain_dict(cfg)
     return fabric.launch(partial(_on_rank, worker=worker, cfg_dict=cfg_dict))
+
+
+def _launch_from_a_script(cfg: DictConfig, worker: Worker[T]) -> T:
+    """Fabric will not spawn ranks from an interactive interpreter (a notebook, a REPL), so there
+    the launch runs in a child `python -m paraflow.launcher`, and its result comes back pickled."""
+    with tempfile.TemporaryDirectory(prefix="paraflow-launch-") as tmp:
+        job, result = Path(tmp) / "job.pkl", Path(tmp) / "result.pkl"
+        job.write_bytes(pickle.dumps((plain_dict(cfg), worker)))
+        proc = subprocess.run([sys.executable, "-m", "paraflow.launcher", str(job), str(result)],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"the ranks failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+        return cast(T, pickle.loads(result.read_bytes()))
+
+
+if __name__ == "__main__":  # the child of _launch_from_a_script
+    from paraflow import launcher as _module  # by its importable name, for the spawned ranks
+
+    _cfg_dict, _worker = pickle.loads(Path(sys.argv[1]).read_bytes())
+    _result = _module.launch(OmegaConf.create(_cfg_dict), _worker)
+    Path(sys.argv[2]).write_bytes(pickle.dumps(_result))

@@ -86,8 +86,11 @@ def write_outputs(run_dir: str | Path, sink: OutputSink, record: dict[str, Any])
             names.append(f"images/{name}")
         if sink.keep_latents:
             stacked = sink.stacked_latents(sorted(sink.latents)).contiguous()
+            tensors = {"latents": stacked}
+            if stacked.dim() == 5:  # a trajectory: (images, steps, C, h, w)
+                tensors = {"latents": stacked[:, -1].clone(), "trajectory": stacked}
             _atomic_write(run_dir / "latents.safetensors",
-                          lambda tmp: save_file({"latents": stacked}, tmp))
+                          lambda tmp: save_file(tensors, tmp))
         staging.rename(run_dir / "images")
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -75,7 +75,9 @@ def run_on_rank(ctx: ParallelContext, cfg: DictConfig) -> dict[str, Any] | None:
     mine = strategy.assign_images(len(prompts), ctx)
     factor = vae_scale_factor(pipe)
     latent_shape = (pipe.unet.config.in_channels, cfg.height // factor, cfg.width // factor)
-    sink = OutputSink((cfg.height, cfg.width, 3), latent_shape, bool(cfg.save_latents))
+    kept_shape = (int(cfg.steps), *latent_shape) if cfg.save_trajectory else latent_shape
+    sink = OutputSink((cfg.height, cfg.width, 3), kept_shape,
+                      bool(cfg.save_latents or cfg.save_trajectory))
     env = StageEnv(cfg=cfg, ctx=ctx, pipe=pipe, strategy=strategy, sink=sink)
     graph = StageGraph.from_config(cfg.pipeline.stages)
     batch = int(cfg.pipeline.max_batch)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -74,3 +75,21 @@ def test_link_model_serialises_transfers() -> None:
     assert second - first == pytest.approx(2e-3, abs=1e-4)
     LinkModel.wait_until(second)
     assert time.perf_counter() >= second
+
+
+def test_cli_distrifusion_on_two_ranks_with_the_default_model(tmp_path: Path) -> None:
+    """What the README tells a user to type (smaller): exit 0, one image, labelled run.json,
+    the decode in bands (the default for patch strategies) counted outside the steps."""
+    from .conftest import read_images, run_cli
+
+    out = tmp_path / "run"
+    result = run_cli(["+strategy=distrifusion", "launcher.devices=2", "height=128", "width=128",
+                      "steps=6", "pipeline.progress=false", "launcher.threads_per_rank=1",
+                      f"hydra.run.dir={out}"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "(distrifusion, 2 rank(s))" in result.stdout
+    record = json.loads((out / "run.json").read_text())
+    assert record["strategy_mode"].startswith("distrifusion groupnorm=corrected_async")
+    assert all(b > 0 for b in record["comm_bytes_outside_steps"])  # the band decode's exchange
+    (image,) = read_images(out)
+    assert image.shape == (128, 128, 3) and image.std() > 5  # not a blank image

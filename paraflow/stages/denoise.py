@@ -35,6 +35,7 @@ class Denoise:
         cond = conditioning.to(env.device, env.dtype)
         latents = initial_latents.float() * scheduler.init_noise_sigma
         show = cfg.pipeline.progress and env.ctx.is_main
+        trajectory = []
         for step, t in enumerate(tqdm(scheduler.timesteps, disable=not show, desc="denoise")):
             comm.step = step
             env.strategy.on_step(step, env.ctx)
@@ -46,5 +47,8 @@ class Denoise:
                 noise = uncond + cfg.guidance_scale * (text - uncond)
             latents = scheduler.step(noise, t, latents, return_dict=False)[0]
             check_finite(latents, step, env)
+            if cfg.save_trajectory:
+                trajectory.append(latents.cpu())
         comm.step = None
+        env.trajectory = torch.stack(trajectory, dim=1) if trajectory else None
         return {"latents": latents}

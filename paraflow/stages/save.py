@@ -17,5 +17,7 @@ class Save:
     def __call__(self, env: StageEnv, pixels: torch.Tensor, latents: torch.Tensor,
                  image_ids: list[int]) -> dict[str, Any]:
         keep_latents = latents.float().cpu() if env.cfg.save_latents else None
+        if env.cfg.save_trajectory and env.trajectory is not None:
+            keep_latents = env.trajectory.float()  # every step's; the last is `latents`
         env.sink.add(image_ids, pixels_to_uint8(pixels), keep_latents)
         return {"saved": list(image_ids)}

@@ -25,8 +25,11 @@ class PatchGroupNorm(nn.Module):
         state, norm = self.state, self.norm
         groups = norm.num_groups
         grouped = x.reshape(x.shape[0], groups, -1)
-        local = grouped.double()
-        sums = torch.stack([local.sum(-1), (local * local).sum(-1)], dim=-1)  # (B, G, 2)
+        if grouped.dtype not in (torch.float32, torch.float64):
+            grouped = grouped.float()  # squares of half values overflow
+        # float64 accumulation without a float64 copy of the activation
+        sums = torch.stack([grouped.sum(-1, dtype=torch.float64),
+                            (grouped * grouped).sum(-1, dtype=torch.float64)], dim=-1)  # (B,G,2)
         counts = state.band.scaled(x[0, 0].numel())  # positions per band (rows × width scale)
         per_group = x.shape[1] // groups
         total = sum(counts) * per_group
@@ -43,18 +46,24 @@ class PatchGroupNorm(nn.Module):
             moments = torch.stack(state.stale(self.key, own)).sum(0) / total
         mean, var = moments[..., 0], moments[..., 1] - moments[..., 0] ** 2
         if mode is GroupNormMode.corrected_async:
-            own = sums / grouped.shape[-1]
+            local = sums / grouped.shape[-1]
             bad = var < 0
-            mean = torch.where(bad, own[..., 0], mean)
-            var = torch.where(bad, own[..., 1] - own[..., 0] ** 2, var)
-        var = var.clamp_min(0)
+            mean = torch.where(bad, local[..., 0], mean)
+            var = torch.where(bad, local[..., 1] - local[..., 0] ** 2, var)
         if mode in (GroupNormMode.stale, GroupNormMode.corrected_async) and not state.synchronous:
             state.publish(self.key, sums)
         if state.synchronous or not state.frozen:
             self.previous_sums = sums
-        inv = torch.rsqrt(var + norm.eps).to(x.dtype).unsqueeze(-1)
-        out = ((grouped - mean.to(x.dtype).unsqueeze(-1)) * inv).reshape(x.shape)
+        return self._normalize(x, mean, var.clamp_min(0))
+
+    def _normalize(self, x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+        """(x − mean)/√(var + eps)·weight + bias as ONE pass over x: the per-(sample, channel)
+        scale and shift are folded from the (B, G) statistics first."""
+        norm = self.norm
+        per_group = x.shape[1] // norm.num_groups
+        scale = torch.rsqrt(var + norm.eps).repeat_interleave(per_group, 1)  # (B, C)
+        shift = -mean.repeat_interleave(per_group, 1) * scale
         if norm.affine:
-            shape = (1, -1) + (1,) * (x.dim() - 2)
-            out = out * norm.weight.view(shape) + norm.bias.view(shape)
-        return out
+            scale, shift = scale * norm.weight, shift * norm.weight + norm.bias
+        shape = (*scale.shape, *(1,) * (x.dim() - 2))
+        return torch.addcmul(shift.to(x.dtype).view(shape), x, scale.to(x.dtype).view(shape))

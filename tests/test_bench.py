@@ -1,0 +1,49 @@
+"""The benchmark command on a tiny grid, as a user runs it (a subprocess, Hydra overrides)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from paraflow.api import CONF_DIR
+from paraflow.bench import grid
+
+from .conftest import REPO
+
+
+def test_grid_lists_baselines_then_layouts() -> None:
+    bench = OmegaConf.load(CONF_DIR / "bench.yaml")
+    bench.merge_with({"sizes": [64], "ranks": [1, 2, 3], "steps": [4],
+                      "strategies": ["sync_patch", "tensor"]})
+    names = [cell.name for cell in grid(bench)]
+    assert names == ["single 1x1 64px 4st", "single 1x2 64px 4st", "single 1x3 64px 4st",
+                     "sync_patch 2x1 64px 4st", "tensor 2x1 64px 4st",
+                     "sync_patch 3x1 64px 4st", "tensor 3x1 64px 4st"]
+
+
+def test_bench_command_writes_table_csv_json_and_plots(tmp_path: Path) -> None:
+    out = tmp_path / "grid"
+    args = ["sizes=[64]", "ranks=[1,2,3]", "steps=[3]", "strategies=[sync_patch,data,tensor]",
+            "repeats=1", "memory_pass=false", "images_per_prompt=2", f"hydra.run.dir={out}"]
+    proc = subprocess.run([sys.executable, "-m", "paraflow.bench", *args], cwd=REPO, text=True,
+                          capture_output=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {(r["strategy"], r["ranks"], r["threads_per_rank"]): r
+            for r in json.loads((out / "bench.json").read_text())["rows"]}
+    print((out / "bench.md").read_text())
+    assert rows[("single", 1, 1)]["speedup"] == 1.0
+    assert rows[("data", 2, 1)]["identical_to_single"] is True
+    assert rows[("sync_patch", 2, 1)]["psnr_db"] > 40
+    assert rows[("sync_patch", 2, 1)]["bytes_per_step_per_rank"] > 0
+    assert rows[("data", 2, 1)]["bytes_per_step_per_rank"] == 0
+    # The tiny model has 4 attention heads: tensor parallelism over 3 ranks cannot run.
+    assert rows[("tensor", 3, 1)]["status"].startswith("skipped: ") and "allows: 1, 2, 4" in \
+        rows[("tensor", 3, 1)]["status"]
+    for name in ("bench.csv", "bench.md", "latency.png", "speedup.png", "bytes_per_image.png",
+                 "psnr.png"):
+        assert (out / name).stat().st_size > 0, name
+    assert "sync_patch" in (out / "bench.csv").read_text()
