@@ -24,6 +24,24 @@ def _remove_if_only_hydra(run_dir: Path) -> None:
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
+def _print_plan(cfg: DictConfig, hydra_dir: Path) -> None:
+    """plan_only=true: the per-rank memory and communication plan (markdown, then one JSON line);
+    nothing is launched or loaded (paraflow/plan)."""
+    import json
+
+    from paraflow.plan import make_plan
+
+    try:
+        plan = make_plan(cfg)
+    except ParaflowError as err:
+        print(f"paraflow: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        _remove_if_only_hydra(hydra_dir)
+    print(plan.markdown())
+    print(json.dumps(plan.to_dict()))
+
+
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     # Imported here so that a config Hydra refuses fails fast, before torch and diffusers load.
@@ -32,6 +50,9 @@ def main(cfg: DictConfig) -> None:
     from paraflow.api import generate
 
     hydra_dir = Path(HydraConfig.get().runtime.output_dir)
+    if cfg.plan_only:
+        _print_plan(cfg, hydra_dir)
+        return
     try:
         result = generate(cfg, cfg.output_dir or hydra_dir)
     except ParaflowError as err:

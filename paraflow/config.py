@@ -87,6 +87,7 @@ class TinyModelConfig:
     unet: dict[str, Any] = field(default_factory=dict)
     vae: dict[str, Any] = field(default_factory=dict)
     text_encoder: dict[str, Any] = field(default_factory=dict)
+    text_encoder_2: dict[str, Any] = field(default_factory=dict)  # SDXL; empty: as text_encoder
 
 
 @dataclass
@@ -188,6 +189,8 @@ class RunConfig:
     save_latents: bool = False
     save_trajectory: bool = False  # latents.safetensors also holds the latents of every step
     output_dir: str | None = None  # None: Hydra's run directory
+    plan_only: bool = False  # print the memory/communication plan (paraflow/plan), run nothing
+    plan_memory_gb: float | None = None  # the plan's per-device budget (None: CUDA's, if any)
 
 
 def plain_dict(node: Any) -> dict[str, Any]:

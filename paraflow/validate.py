@@ -43,7 +43,9 @@ def resolve_accelerator(cfg: DictConfig) -> str:
     return wanted
 
 
-def validate(cfg: DictConfig, output_dir: str | Path | None) -> None:
+def validate(cfg: DictConfig, output_dir: str | Path | None, devices: bool = True) -> None:
+    """Every check a run makes before launching. `devices=False` (planning, paraflow/plan):
+    skip the checks against this machine's accelerators, since the plan is for another."""
     prompts_of(cfg)
     for key in ("steps", "images_per_prompt"):
         if int(cfg[key]) < 1:
@@ -68,7 +70,8 @@ def validate(cfg: DictConfig, output_dir: str | Path | None) -> None:
         raise ParaflowError(f"launcher.timeout_s={launcher.timeout_s}: must be > 0")
     if int(cfg.pipeline.max_batch) < 1:
         raise ParaflowError(f"pipeline.max_batch={cfg.pipeline.max_batch}: must be at least 1")
-    if resolve_accelerator(cfg) == "cuda" and launcher.devices > torch.cuda.device_count():
+    if devices and resolve_accelerator(cfg) == "cuda" and \
+            launcher.devices > torch.cuda.device_count():
         raise ParaflowError(f"launcher.devices={launcher.devices} but this machine has "
                             f"{torch.cuda.device_count()} CUDA device(s); "
                             f"use 1..{torch.cuda.device_count()}")

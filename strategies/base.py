@@ -23,6 +23,8 @@ class Strategy(Protocol):
     on_step: called by the denoising loop before each step (displaced patch needs the counter).
     mesh_layout (optional): the named mesh dimensions for a world size (paraflow/mesh.py); the
         launcher builds ctx.mesh from it.
+    on_denoise_end (optional): called once the denoising loop is done, before decode.
+    validate (optional): checks of the config before any rank starts.
     """
 
     name: str

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from hydra.utils import get_class, get_method
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from paraflow.config import plain_dict
 
@@ -26,25 +26,9 @@ def load_pipeline(model_cfg: DictConfig, scheduler_cfg: DictConfig | None = None
 
 def denoiser_skeleton(model_cfg: DictConfig) -> Any:
     """The denoiser's module tree on the meta device (no weights, no memory), from config alone,
-    so a layout can be checked before any rank starts. None when only loading would tell (hub ids,
-    folders without unet/config.json)."""
-    import json
-    from pathlib import Path
+    so a layout can be checked before any rank starts. None when only loading would tell (hub ids
+    not in the cache, folders without unet/config.json). See paraflow/models/skeleton.py for the
+    other modules."""
+    from paraflow.models.skeleton import component_skeleton
 
-    import diffusers
-    import torch
-
-    from paraflow.models.pretrained import looks_like_hub_id
-
-    if "unet" in model_cfg:  # built from config (tiny models)
-        config = OmegaConf.to_container(model_cfg.unet, resolve=True)
-        cls: Any = diffusers.UNet2DConditionModel
-    else:
-        path = str(model_cfg.get("path", ""))
-        file = Path(path).expanduser() / "unet" / "config.json"
-        if not path or looks_like_hub_id(path) or not file.is_file():
-            return None
-        config = json.loads(file.read_text())
-        cls = getattr(diffusers, str(config.get("_class_name")), diffusers.UNet2DConditionModel)
-    with torch.device("meta"):
-        return cls.from_config(config)
+    return component_skeleton(model_cfg, "unet")

@@ -33,13 +33,15 @@ SD_SCHEDULER_CONFIG: dict[str, Any] = {
 
 
 def _text_encoder_config(tokenizer: Any, text_encoder: dict[str, Any]) -> CLIPTextConfig:
+    """The tokenizer's sizes unless the config names others (a full-size architecture keeps
+    CLIP's 49408-token embedding and 77 positions, so its parameter count is the real one)."""
+    defaults = {"vocab_size": len(tokenizer),
+                "max_position_embeddings": tokenizer.model_max_length}
     return CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        max_position_embeddings=tokenizer.model_max_length,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        **text_encoder,
+        **{**defaults, **text_encoder},
     )
 
 
@@ -51,8 +53,10 @@ def build_tiny(
     init_seed: int = 0,
     max_tokens: int = 16,
     vocabulary: list[str] | None = None,
+    text_encoder_2: dict[str, Any] | None = None,
 ) -> StableDiffusionPipeline | StableDiffusionXLPipeline:
-    """Build a randomly initialised pipeline of architecture `arch` ("sd" or "sdxl")."""
+    """Build a randomly initialised pipeline of architecture `arch` ("sd" or "sdxl").
+    `text_encoder_2` (SDXL's second encoder) defaults to `text_encoder`'s config."""
     words = list(vocabulary) if vocabulary else list(DEFAULT_VOCABULARY)
     tokenizer = build_word_tokenizer(words, max_length=max_tokens)
     scheduler = DDIMScheduler(**SD_SCHEDULER_CONFIG)
@@ -71,7 +75,8 @@ def build_tiny(
             feature_extractor=None,
             requires_safety_checker=False,
         )
-    encoder_2 = CLIPTextModelWithProjection(_text_encoder_config(tokenizer, text_encoder))
+    encoder_2 = CLIPTextModelWithProjection(
+        _text_encoder_config(tokenizer, text_encoder_2 or text_encoder))
     return StableDiffusionXLPipeline(
         vae=vae_model,
         text_encoder=encoder,

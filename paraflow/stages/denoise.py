@@ -50,5 +50,8 @@ class Denoise:
             if cfg.save_trajectory:
                 trajectory.append(latents.cpu())
         comm.step = None
+        finish = getattr(env.strategy, "on_denoise_end", None)  # optional: free per-run buffers
+        if callable(finish):
+            finish(env.ctx)
         env.trajectory = torch.stack(trajectory, dim=1) if trajectory else None
         return {"latents": latents}

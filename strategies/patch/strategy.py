@@ -123,6 +123,13 @@ class PatchParallel(ReplicatedModel):
         if self.state is not None:
             self.state.begin_step(step)
 
+    def on_denoise_end(self, ctx: ParallelContext) -> None:
+        """Nothing reads the displaced buffers after the last step: wait for the transfers in
+        flight and drop them all, so they do not sit beside the decode (the memory peak)."""
+        if self.state is not None:
+            self.state.drain()
+            self.state.previous.clear()
+
     def assign_images(self, n_images: int, ctx: ParallelContext) -> list[int]:
         return self.replicas.assign(n_images)  # every rank of a replica works on its images
 

@@ -1,0 +1,110 @@
+"""The planner (paraflow/plan) against measurement: bytes per step, bytes outside the steps and
+weights equal what two gloo ranks counted (one launch of five runs); SDXL at 3840² on 8 ranks
+plans in seconds without memory; the CLI prints the plan and refuses what a run refuses."""
+
+from __future__ import annotations
+
+import json
+import resource
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from paraflow.api import compose
+from paraflow.errors import ParaflowError
+from paraflow.plan import Plan, make_plan
+from tests.conftest import run_cli, run_paraflow
+from tests.patch_helpers import config, run_many, run_single
+
+BASE = ["model=tiny_random", "width=64", "steps=3", "launcher.devices=2"]
+RUNS = {
+    "sync_patch": ["+strategy=sync_patch", "height=64"],
+    # steps 0-1 synchronous, step 2 displaced without GroupNorm traffic (fewer bytes)
+    "displaced": ["+strategy=displaced_patch", "height=64", "strategy.warmup_steps=1",
+                  "strategy.groupnorm=separate"],
+    "tensor": ["+strategy=tensor", "height=64"],
+    "uneven_bands": ["+strategy=sync_patch", "height=96"],  # 12 latent rows: bands of 8 and 4
+    "data": ["+strategy=data", "height=64", "prompt=[a,b,c]"],  # the images gathered after
+}
+
+
+@pytest.fixture(scope="module")
+def measured(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Plan, dict[str, Any]]]:
+    tmp: Path = tmp_path_factory.mktemp("plan")
+    cfgs = {name: config([*BASE, *overrides], tmp / name) for name, overrides in RUNS.items()}
+    records = run_many(list(cfgs.values()))
+    return {name: (make_plan(cfg), rec) for (name, cfg), rec in zip(cfgs.items(), records)}
+
+
+@pytest.mark.parametrize("name", list(RUNS))
+def test_planned_bytes_equal_the_counted_bytes(
+        measured: dict[str, tuple[Plan, dict[str, Any]]], name: str) -> None:
+    plan, record = measured[name]
+    for rank, row in enumerate(plan.ranks):
+        steps = {str(s): b for s, b in enumerate(row.comm_per_step) if b}
+        assert steps == record["comm_bytes_per_step"][rank], (name, rank)
+        assert row.comm_decode + row.comm_gather == record["comm_bytes_outside_steps"][rank]
+        assert row.comm_run == record["comm_bytes"][rank]
+    if name == "displaced":
+        per_step = plan.ranks[0].comm_per_step
+        assert per_step[0] == per_step[1] > per_step[2]  # no GroupNorm sums once displaced
+
+
+def test_planned_weights_equal_param_bytes(measured: dict[str, tuple[Plan, dict[str, Any]]],
+                                           tmp_path: Path) -> None:
+    plan, record = measured["tensor"]
+    for rank, row in enumerate(plan.ranks):
+        assert row.weights == {k: v[rank] for k, v in record["param_bytes"].items()}
+    single_cfg = config(["model=tiny_random", "steps=1"], tmp_path / "single")
+    single = run_single(single_cfg)
+    assert make_plan(single_cfg).ranks[0].weights == {
+        k: v[0] for k, v in single["param_bytes"].items()}
+    assert 0.5 < plan.ranks[0].weights["unet"] / single["param_bytes"]["unet"][0] <= 0.6
+
+
+def test_sdxl_at_3840_on_8_devices_plans_in_seconds_without_memory() -> None:
+    fp16 = [f"pipeline.stages.{s}.precision=fp16" for s in ("encode", "denoise", "decode")]
+    start = time.perf_counter()
+    plan = make_plan(compose(["model=sdxl_arch", "+strategy=distrifusion", "height=3840",
+                              "width=3840", "launcher.devices=8", "launcher.accelerator=cuda",
+                              "plan_memory_gb=16", *fp16]))
+    seconds = time.perf_counter() - start
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    print(plan.markdown(), f"planned in {seconds:.1f}s, process peak {peak_rss / 1e9:.2f} GB")
+    assert seconds < 20 and peak_rss < 2e9
+    assert len(plan.ranks) == 8 and len({r.device_peak for r in plan.ranks}) == 1
+    row = plan.ranks[0]
+    assert row.weights["unet"] == 2 * 2_567_463_684  # SDXL-base's UNet, fp16
+    assert row.weights["text_encoder_2"] == 2 * 694_659_840
+    assert 0 < row.stale_bytes < row.activations["denoise"] < 80e9
+    assert row.comm_per_step[0] > row.stale_bytes  # the output band gather comes on top
+    assert plan.fits is False and "does NOT fit" in plan.markdown()  # 16 GB is too little
+    assert row.device_peak < 80e9
+
+
+def test_cli_prints_the_plan_and_launches_nothing(tmp_path: Path) -> None:
+    run_dir = tmp_path / "hydra"
+    result = run_cli(["plan_only=true", "model=tiny_random", "+strategy=sync_patch",
+                      "launcher.devices=2", f"hydra.run.dir={run_dir}"])
+    assert result.returncode == 0, result.stderr
+    assert "| rank | role |" in result.stdout and "band 1/2" in result.stdout
+    plan = json.loads(result.stdout.strip().splitlines()[-1])
+    assert [r["rank"] for r in plan["ranks"]] == [0, 1]
+    assert not run_dir.exists()  # nothing written
+
+
+def test_cli_refuses_what_a_run_refuses(tmp_path: Path) -> None:
+    bad = ["model=tiny_random", "+strategy=sync_patch", "launcher.devices=2", "height=72"]
+    with pytest.raises(ParaflowError) as refused:
+        run_paraflow(tmp_path / "run", bad)
+    result = run_cli(["plan_only=true", *bad, f"hydra.run.dir={tmp_path / 'hydra'}"])
+    assert result.returncode == 2
+    assert str(refused.value) in result.stderr and "valid heights" in result.stderr
+    heads = ["model=tiny_random", "+strategy=tensor", "launcher.devices=3"]  # 4 heads
+    with pytest.raises(ParaflowError) as refused:
+        run_paraflow(tmp_path / "run", heads)
+    with pytest.raises(ParaflowError, match="allows: 1, 2, 4") as planned:
+        make_plan(compose(heads))
+    assert str(planned.value) == str(refused.value)
