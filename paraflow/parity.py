@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -148,9 +149,11 @@ def _write(rows: list[dict[str, Any]], candidates: dict[str, list[str]], out: Pa
              "(single) | final drift vs sync_patch |", "|" + "---|" * 8]
     for r in rows:
         final = f"{r['drift'][-1]:.2e}" if r["drift"] else "–"
+        seam = ("–" if math.isnan(r["seam_score"])  # not a patch layout: no band boundaries
+                else f"{r['seam_score']:.2f} ({r['seam_score_reference']:.2f})")
         lines.append(f"| {r['name']} | {r['strategy']} | {r['ranks']} | "
                      f"{r['max_abs_latents']:.2e} | {r['psnr_db']:.1f} | {r['ssim']:.4f} | "
-                     f"{r['seam_score']:.2f} ({r['seam_score_reference']:.2f}) | {final} |")
+                     f"{seam} | {final} |")
     (out / "parity.md").write_text("\n".join(lines) + "\n")
     plot_drift(rows, out / "drift.png")
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from paraflow.api import CONF_DIR
+from paraflow.api import CONF_DIR, compose
 from paraflow.bench import grid
 
 from .conftest import REPO
@@ -23,6 +23,10 @@ def test_grid_lists_baselines_then_layouts() -> None:
     assert names == ["single 1x1 64px 4st", "single 1x2 64px 4st", "single 1x3 64px 4st",
                      "sync_patch 2x1 64px 4st", "tensor 2x1 64px 4st",
                      "sync_patch 3x1 64px 4st", "tensor 3x1 64px 4st"]
+    bench.prompts = ["a red circle on the left, blue background", "it's a square"]
+    cfg = compose(grid(bench)[3].overrides(bench))
+    assert list(cfg.prompt) == list(bench.prompts)  # commas and quotes stay inside a prompt
+    assert cfg.strategy.name == "sync_patch" and cfg.launcher.devices == 2
 
 
 def test_bench_command_writes_table_csv_json_and_plots(tmp_path: Path) -> None:
@@ -36,7 +40,7 @@ def test_bench_command_writes_table_csv_json_and_plots(tmp_path: Path) -> None:
             for r in json.loads((out / "bench.json").read_text())["rows"]}
     print((out / "bench.md").read_text())
     assert rows[("single", 1, 1)]["speedup"] == 1.0
-    assert rows[("data", 2, 1)]["identical_to_single"] is True
+    assert rows[("data", 2, 1)]["max_pixel_diff"] <= 1  # same seeds; batching may round apart
     assert rows[("sync_patch", 2, 1)]["psnr_db"] > 40
     assert rows[("sync_patch", 2, 1)]["bytes_per_step_per_rank"] > 0
     assert rows[("data", 2, 1)]["bytes_per_step_per_rank"] == 0
