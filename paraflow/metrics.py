@@ -25,7 +25,7 @@ def ssim(a: np.ndarray, b: np.ndarray) -> float:
     from torchmetrics.functional.image import structural_similarity_index_measure
 
     def batch(x: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(x)).permute(2, 0, 1)[None].double() / 255
+        return torch.from_numpy(np.array(x)).permute(2, 0, 1)[None].double() / 255  # a copy
 
     side = min(a.shape[0], a.shape[1])
     kernel = 11 if side >= 11 else side - (1 - side % 2)  # odd, no larger than the image
