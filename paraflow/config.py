@@ -46,7 +46,8 @@ class StageParallel(str, Enum):
 class GroupNormMode(str, Enum):
     """GroupNorm statistics after warm-up in displaced patch parallelism."""
 
-    corrected_async = "corrected_async"  # previous step's global + (fresh − previous) own
+    corrected_async = "corrected_async"  # the paper: previous global + (fresh − previous) own
+    weighted = "weighted"  # the other bands' previous sums with this band's fresh ones
     stale = "stale"  # the previous step's global statistics
     sync = "sync"  # fresh global statistics every step (an all-gather per GroupNorm)
     separate = "separate"  # this band's statistics only

@@ -17,7 +17,7 @@ from tests.patch_helpers import config, latents, psnr, run_many, run_single
 
 BYTES = ["model=tiny_random", "height=64", "width=64", "steps=3"]
 QUALITY = ["model=tiny_random", "height=64", "width=64", "steps=20"]
-MODES = ["corrected_async", "stale", "sync", "separate"]
+MODES = ["corrected_async", "weighted", "stale", "sync", "separate"]
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +42,8 @@ def expected_bytes_per_step(n: int = 2) -> int:
     """Bytes one rank sends per step under sync_patch, from the layer shapes of a single-device
     UNet call (batch B=2 with guidance, float32 activations, float64 GroupNorm sums), all-gather
     counting piece·(N−1):
-      k×k conv:       B · C_in · W · (top + bottom halo rows) · 4
+      k×k conv:       B · C_in · W · (top + bottom halo rows) · 4, but conv_in (every rank
+                      holds its input, the latent, and slices the halo from it)
       GroupNorm:      B · groups · 2 (sum, sum of squares) · 8
       self-attention: B · (H·W / N) tokens · 2 (K and V) · inner_dim · 4
       UNet output:    B · C_out · (H / N) · W · 4
@@ -67,8 +68,8 @@ def expected_bytes_per_step(n: int = 2) -> int:
             b, tokens, _ = args[0].shape
             total += b * (tokens // n) * 2 * m.to_k.out_features * 4
 
-    for module in unet.modules():
-        if isinstance(module, nn.Conv2d) and module.kernel_size[0] > 1:
+    for name, module in unet.named_modules():
+        if isinstance(module, nn.Conv2d) and module.kernel_size[0] > 1 and name != "conv_in":
             module.register_forward_pre_hook(conv_hook)
         elif isinstance(module, nn.GroupNorm):
             module.register_forward_pre_hook(norm_hook)

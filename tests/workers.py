@@ -31,3 +31,37 @@ def count_bytes(ctx: ParallelContext, cfg: DictConfig) -> dict[int | None, int]:
     uneven = comm.all_gather_uneven(torch.arange(ctx.rank + 1, dtype=torch.int64))
     assert [p.tolist() for p in uneven] == [list(range(r + 1)) for r in range(ctx.world_size)]
     return dict(comm.bytes_by_step)
+
+
+def conv_in_after_warmup(ctx: ParallelContext, cfg: DictConfig) -> list[dict[str, float]]:
+    """Displaced patch with warm-up 1: UNet calls at steps 0..3 on a new latent each step (the
+    same on every rank). Per step: how far conv_in's band output is from the one-device conv_in
+    of the current latent, and how far that one-device output is from the same conv over the
+    PREVIOUS step's latent (what stale halo rows would be near; must be large, or the test
+    could not fail)."""
+    from paraflow.models import load_pipeline
+    from paraflow.registry import build_strategy
+
+    pipe = load_pipeline(cfg.model, cfg.scheduler)
+    strategy = build_strategy(cfg.strategy)
+    strategy.setup(ctx)
+    strategy.parallelize(pipe, ctx)
+    unet = pipe.unet
+    outputs: list[torch.Tensor] = []
+    unet.conv_in.register_forward_hook(lambda m, a, out: outputs.append(out))
+    gen = torch.Generator().manual_seed(0)
+    embeds = torch.randn(2, 16, unet.config.cross_attention_dim, generator=gen)
+    report, previous = [], None
+    with torch.inference_mode():
+        for step in range(4):
+            strategy.on_step(step, ctx)
+            sample = torch.randn(2, unet.config.in_channels, 16, 16, generator=gen)
+            unet(sample, 500, encoder_hidden_states=embeds)
+            plan = strategy.state.plan
+            whole = unet.conv_in.conv(sample)[..., plan.start:plan.stop, :]
+            stale = (whole - unet.conv_in.conv(previous)[..., plan.start:plan.stop, :]
+                     if previous is not None else torch.zeros(()))
+            report.append({"error": float((outputs[-1] - whole).abs().max()),
+                           "stale_distance": float(stale.abs().max())})
+            previous = sample
+    return report

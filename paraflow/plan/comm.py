@@ -2,7 +2,8 @@
 all-gather of an n-byte piece counts n·(N−1), an all-reduce of n bytes int(2·n·(N−1)/N) per call.
 The pieces come from the layer shapes of a meta-device call of the plain, unsplit module:
 
-  patch, per k×k conv:        B · C_in · W · (top + bottom halo rows) · elt   (bands.conv_halo)
+  patch, per k×k conv:        B · C_in · W · (top + bottom halo rows) · elt   (bands.conv_halo);
+                              none for a conv whose input every rank holds (`replicated`)
   patch, per GroupNorm:       B · groups · 2 (sum, sum of squares) · 8        (float64)
   patch, per self-attention:  B · tokens of the tallest band · 2 (K, V) · inner · elt
   patch, UNet output:         B · C_out · rows of the tallest band · W · elt, over the replica
@@ -11,7 +12,7 @@ The pieces come from the layer shapes of a meta-device call of the plain, unspli
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,7 +42,7 @@ def _is_self_attention(module: nn.Module) -> bool:
 
 
 def layer_pieces(model: nn.Module, call: Callable[[], Any], band: BandPlan | None,
-                 reduced: Sequence[str] = ()) -> Pieces:
+                 reduced: Sequence[str] = (), replicated: Collection[str] = ()) -> Pieces:
     """Run `call()` (which calls `model` on meta tensors of this rank's band) and collect the
     pieces its patch layers would exchange (`band`: the band plan, for attention's padding) and
     the output bytes of the modules named in `reduced`."""
@@ -71,7 +72,7 @@ def layer_pieces(model: nn.Module, call: Callable[[], Any], band: BandPlan | Non
 
     hooks = []
     for name, module in model.named_modules():
-        if isinstance(module, nn.Conv2d) and module.kernel_size[0] > 1:
+        if isinstance(module, nn.Conv2d) and module.kernel_size[0] > 1 and name not in replicated:
             hooks.append(module.register_forward_pre_hook(conv))
         elif isinstance(module, nn.GroupNorm):
             hooks.append(module.register_forward_pre_hook(norm))

@@ -20,6 +20,7 @@ from paraflow.plan.simulate import Inputs, PlannedComm, install_patch, replay, s
 from paraflow.plan.weights import Policy
 from paraflow.registry import build_strategy
 from strategies.guidance import GuidanceSplit
+from strategies.patch.adapter import replicated_input_convs
 from strategies.patch.bands import BandPlan, band_sizes
 from strategies.patch.strategy import PatchParallel
 from strategies.tensor import TensorStrategy, resolve_plan
@@ -86,7 +87,7 @@ class RankWork:
         return layer_pieces(unet, lambda: unet(sample, torch.tensor(500, device="meta"),
                                                encoder_hidden_states=embeds,
                                                added_cond_kwargs=added, return_dict=False)[0],
-                            band, reduced)
+                            band, reduced, replicated_input_convs(unet))
 
     def _count(self, pieces: Pieces, images: int, count: int) -> None:
         """Add `count` passes of `images` images to the books (steps, decode, stale)."""

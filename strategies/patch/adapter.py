@@ -27,6 +27,16 @@ def configured_downsampling(model_cfg: Any) -> int | None:
     return None
 
 
+def replicated_input_convs(unet: Any) -> set[str]:
+    """The convolutions of `unet` whose input every rank holds whole: `conv_in` reads the
+    latent itself (unless the UNet rescales it first), so its halo rows can be sliced from the
+    current latent instead of exchanged or taken from the previous step."""
+    conv_in = getattr(unet, "conv_in", None)
+    if isinstance(conv_in, nn.Conv2d) and not unet.config.get("center_input_sample", False):
+        return {"conv_in"}
+    return set()
+
+
 def set_self_attention_processors(model: nn.Module, make: Callable[[str], Any]) -> int:
     """Give every self-attention module of `model` the processor `make(name)`; cross-attention
     keeps its own. Returns how many were set."""

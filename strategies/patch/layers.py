@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 from torch import nn
 
 from strategies.patch.adapter import set_self_attention_processors
@@ -11,15 +13,18 @@ from strategies.patch.groupnorm import PatchGroupNorm
 from strategies.patch.state import PatchState
 
 
-def swap_patch_layers(model: nn.Module, state: PatchState, prefix: str = "") -> dict[str, int]:
+def swap_patch_layers(model: nn.Module, state: PatchState, prefix: str = "",
+                      replicated: Collection[str] = ()) -> dict[str, int]:
     """k×k convolutions → PatchConv2d, GroupNorm → PatchGroupNorm, self-attention → the patch
-    processor. 1×1 convolutions, linear layers, LayerNorm and cross-attention stay local."""
+    processor. 1×1 convolutions, linear layers, LayerNorm and cross-attention stay local. The
+    convolutions named in `replicated` read the model's whole input (state.whole_input)."""
     swaps: list[tuple[str, nn.Module]] = []
     for name, module in model.named_modules():
         if isinstance(module, (PatchConv2d, PatchGroupNorm)):
             continue
         if isinstance(module, nn.Conv2d) and module.kernel_size[0] > 1:
-            swaps.append((name, PatchConv2d(module, state, prefix + name)))
+            swaps.append((name, PatchConv2d(module, state, prefix + name,
+                                                    replicated=name in replicated)))
         elif isinstance(module, nn.GroupNorm):
             swaps.append((name, PatchGroupNorm(module, state, prefix + name)))
     for name, wrapper in swaps:

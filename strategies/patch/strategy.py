@@ -25,7 +25,11 @@ from paraflow.mesh import (
 from paraflow.outputs import OutputSink
 from paraflow.validate import model_factor
 from strategies.base import ReplicatedModel
-from strategies.patch.adapter import configured_downsampling, unet_downsampling
+from strategies.patch.adapter import (
+    configured_downsampling,
+    replicated_input_convs,
+    unet_downsampling,
+)
 from strategies.patch.bands import check_layout
 from strategies.patch.layers import swap_patch_layers
 from strategies.patch.state import GroupNormMode, PatchState
@@ -116,7 +120,7 @@ class PatchParallel(ReplicatedModel):
             raise RuntimeError("setup() must run before parallelize()")
         self.layout.unit = unet_downsampling(pipe.unet)
         if self.exchange and self.state.comm.world_size > 1:
-            swap_patch_layers(pipe.unet, self.state)
+            swap_patch_layers(pipe.unet, self.state, replicated=replicated_input_convs(pipe.unet))
         PatchUNetHooks(self.state, self.layout).install(pipe.unet)
 
     def on_step(self, step: int, ctx: ParallelContext) -> None:

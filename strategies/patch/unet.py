@@ -66,13 +66,16 @@ class PatchUNetHooks:
         half = batch // len(layout.groups)
         plan = layout.plan(layout.world.rank, sample.shape[-2])
         self.state.plan = plan
+        rows = slice(part * half, (part + 1) * half)
         new_args, new_kwargs, self._full = split_unet_call(
-            args, kwargs, slice(part * half, (part + 1) * half), slice(plan.start, plan.stop))
+            args, kwargs, rows, slice(plan.start, plan.stop))
+        self.state.whole_input = self._full[rows]  # for conv_in (replicated_input_convs)
         return new_args, new_kwargs
 
     def after(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
               output: Any) -> Any:
         self.state.flush()
+        self.state.whole_input = None
         full, layout = self._full, self.layout
         if full is None:
             raise RuntimeError("patch UNet output hook ran without its input hook")
