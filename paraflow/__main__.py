@@ -42,7 +42,7 @@ def _print_plan(cfg: DictConfig, hydra_dir: Path) -> None:
     print(json.dumps(plan.to_dict()))
 
 
-@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+@hydra.main(config_path="pkg://paraflow.conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     # Imported here so that a config Hydra refuses fails fast, before torch and diffusers load.
     from torch.multiprocessing import ProcessRaisedException

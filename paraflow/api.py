@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra import compose as hydra_compose
-from hydra import initialize_config_dir
+from hydra import initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, open_dict
 
@@ -22,7 +22,8 @@ from paraflow.launcher import launch
 from paraflow.run import run_on_rank
 from paraflow.validate import validate
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+CONF_MODULE = "paraflow.conf"  # the configs ship inside the package (conf/ in the repository)
+CONF_DIR = Path(__file__).resolve().parent / "conf"
 
 
 def compose(overrides: Sequence[str] = ()) -> DictConfig:
@@ -33,7 +34,7 @@ def compose(overrides: Sequence[str] = ()) -> DictConfig:
     previous = outer.hydra if outer.is_initialized() else None
     outer.clear()
     try:
-        with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        with initialize_config_module(CONF_MODULE, version_base="1.3"):
             return hydra_compose("config", overrides=list(overrides))
     finally:
         if previous is not None:

@@ -191,7 +191,7 @@ def write(rows: list[dict[str, Any]], bench: DictConfig, out: Path) -> None:
     plot_all([r for r in rows if r["status"] == "ok"], out)
 
 
-@hydra.main(config_path="../conf", config_name="bench", version_base="1.3")
+@hydra.main(config_path="pkg://paraflow.conf", config_name="bench", version_base="1.3")
 def main(bench: DictConfig) -> None:
     out = Path(HydraConfig.get().runtime.output_dir)
     rows = run_grid(bench, out)

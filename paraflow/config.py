@@ -153,7 +153,7 @@ class MeshStrategyConfig(StrategyConfig):
 
 @dataclass
 class TensorStrategyConfig(MeshStrategyConfig):
-    _target_: str = "strategies.tensor.TensorStrategy"
+    _target_: str = "paraflow.strategies.tensor.TensorStrategy"
     name: str = "tensor"
     component: str = "unet"  # the pipeline module to split
     plan: dict[str, TensorStyle] = field(default_factory=dict)  # module-name glob -> style

@@ -51,7 +51,7 @@ def reference_overrides(overrides: Sequence[str]) -> list[str]:
 
 def sync_overrides(overrides: Sequence[str], cfg: DictConfig) -> list[str] | None:
     """The same layout under sync_patch (None when `cfg` is not a patch strategy)."""
-    from strategies.patch.strategy import PatchParallel
+    from paraflow.strategies.patch.strategy import PatchParallel
 
     if not isinstance(build_strategy(cfg.strategy), PatchParallel):
         return None
@@ -64,10 +64,10 @@ def sync_overrides(overrides: Sequence[str], cfg: DictConfig) -> list[str] | Non
 
 def band_boundaries(cfg: DictConfig, rows: int) -> list[int]:
     """First pixel row of every band but the first, for an image of `rows` pixel rows."""
+    from paraflow.strategies.patch.adapter import configured_downsampling
+    from paraflow.strategies.patch.bands import band_sizes
+    from paraflow.strategies.patch.strategy import PatchParallel, batch_groups
     from paraflow.validate import model_factor
-    from strategies.patch.adapter import configured_downsampling
-    from strategies.patch.bands import band_sizes
-    from strategies.patch.strategy import PatchParallel, batch_groups
 
     strategy = build_strategy(cfg.strategy)
     if not isinstance(strategy, PatchParallel):

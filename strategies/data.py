@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from paraflow.context import ParallelContext
 from paraflow.mesh import Layout
-from strategies.base import ReplicatedModel
+from paraflow.strategies.base import ReplicatedModel
 
 
 def split_evenly(n_items: int, n_parts: int, part: int) -> range:

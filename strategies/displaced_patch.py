@@ -5,7 +5,7 @@ all-gathered asynchronously (bucketed), hidden behind the computation. GroupNorm
 
 from __future__ import annotations
 
-from strategies.patch.strategy import PatchParallel
+from paraflow.strategies.patch.strategy import PatchParallel
 
 
 class DisplacedPatch(PatchParallel):

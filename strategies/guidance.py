@@ -13,7 +13,11 @@ import torch
 from torch import nn
 
 from paraflow.comm import Communicator
-from strategies.patch.adapter import split_unet_call, unet_output_sample, with_output_sample
+from paraflow.strategies.patch.adapter import (
+    split_unet_call,
+    unet_output_sample,
+    with_output_sample,
+)
 
 
 class GuidanceSplit:

@@ -4,7 +4,7 @@ are gathered after each UNet call. Fast, with visible seams: the baseline."""
 
 from __future__ import annotations
 
-from strategies.patch.strategy import PatchParallel
+from paraflow.strategies.patch.strategy import PatchParallel
 
 
 class NaivePatch(PatchParallel):

@@ -11,8 +11,8 @@ from paraflow.comm import Communicator
 from paraflow.context import ParallelContext
 from paraflow.mesh import dim_comm
 from paraflow.outputs import OutputSink
-from strategies.base import gather_by_index
-from strategies.data import split_evenly
+from paraflow.strategies.base import gather_by_index
+from paraflow.strategies.data import split_evenly
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh

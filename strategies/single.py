@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from strategies.base import ReplicatedModel
+from paraflow.strategies.base import ReplicatedModel
 
 
 class SingleDevice(ReplicatedModel):

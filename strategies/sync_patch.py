@@ -5,7 +5,7 @@ Exact: the single-device result within float tolerance."""
 
 from __future__ import annotations
 
-from strategies.patch.strategy import PatchParallel
+from paraflow.strategies.patch.strategy import PatchParallel
 
 
 class SyncPatch(PatchParallel):

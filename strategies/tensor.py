@@ -45,9 +45,9 @@ from paraflow.mesh import (
     world_of,
 )
 from paraflow.outputs import OutputSink
-from strategies.guidance import GuidanceSplit
-from strategies.replicas import DataReplicas
-from strategies.tensor_layers import (
+from paraflow.strategies.guidance import GuidanceSplit
+from paraflow.strategies.replicas import DataReplicas
+from paraflow.strategies.tensor_layers import (
     InputShardedConv2d,
     Reduce,
     finish_rowwise,

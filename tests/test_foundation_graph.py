@@ -12,7 +12,7 @@ from paraflow.errors import ParaflowError
 from paraflow.graph import execution_order
 from paraflow.outputs import OutputSink, check_output_dir, write_outputs
 from paraflow.run import expanded_prompts
-from strategies.data import split_evenly
+from paraflow.strategies.data import split_evenly
 
 
 def stage(inputs: list[str], outputs: list[str]) -> SimpleNamespace:

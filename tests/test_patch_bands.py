@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from paraflow.errors import ParaflowError
-from strategies.patch.bands import (
+from paraflow.strategies.patch.bands import (
     BandPlan,
     band_sizes,
     check_layout,

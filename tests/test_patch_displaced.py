@@ -12,7 +12,7 @@ from torch import nn
 
 from paraflow.api import compose
 from paraflow.models import load_pipeline
-from strategies.patch.bands import conv_halo
+from paraflow.strategies.patch.bands import conv_halo
 from tests.patch_helpers import config, latents, psnr, run_many, run_single
 
 BYTES = ["model=tiny_random", "height=64", "width=64", "steps=3"]

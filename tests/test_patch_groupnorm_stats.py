@@ -13,7 +13,7 @@ import torch
 from paraflow.api import compose
 from paraflow.config import GroupNormMode
 from paraflow.launcher import launch
-from strategies.patch.groupnorm import estimate_moments
+from paraflow.strategies.patch.groupnorm import estimate_moments
 from tests import workers
 
 TOL = 1e-9

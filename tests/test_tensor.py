@@ -19,8 +19,8 @@ from paraflow.errors import ParaflowError
 from paraflow.launcher import launch
 from paraflow.models import denoiser_skeleton, load_pipeline
 from paraflow.registry import build_strategy
-from strategies.tensor import allowed_degrees, check_divisible, resolve_plan
-from strategies.tensor_layers import (
+from paraflow.strategies.tensor import allowed_degrees, check_divisible, resolve_plan
+from paraflow.strategies.tensor_layers import (
     InputShardedConv2d,
     interleave_gated,
     shard_conv_out,

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from strategies.patch.bands import BandPlan, conv_halo
+from paraflow.strategies.patch.bands import BandPlan, conv_halo
 
 
 @dataclass
@@ -104,9 +104,9 @@ def padded(nbytes: int, rows: int, tallest: int) -> int:
 
 
 def gather_by_index(n: int, most: int, row_bytes: Sequence[int]) -> int:
-    """strategies.base.gather_by_index over `n` ranks, `most` images on one of them: one uneven
-    all-gather per entry of `row_bytes` (ids: 8, images, latents when kept), each after an
-    all-gather of the int64 count."""
+    """paraflow.strategies.base.gather_by_index over `n` ranks, `most` images on one of them:
+    one uneven all-gather per entry of `row_bytes` (ids: 8, images, latents when kept), each
+    after an all-gather of the int64 count."""
     if n == 1:
         return 0
     return sum(all_gather(8, n) + all_gather(most * size, n) for size in row_bytes)

@@ -13,11 +13,11 @@ from omegaconf import DictConfig
 from paraflow.errors import ParaflowError
 from paraflow.mesh import world_of
 from paraflow.run import expanded_prompts
-from strategies.base import ReplicatedModel
-from strategies.data import DataStrategy, split_evenly
-from strategies.patch.bands import band_sizes
-from strategies.patch.strategy import PatchParallel, batch_groups
-from strategies.tensor import MESH_DIM, TensorStrategy
+from paraflow.strategies.base import ReplicatedModel
+from paraflow.strategies.data import DataStrategy, split_evenly
+from paraflow.strategies.patch.bands import band_sizes
+from paraflow.strategies.patch.strategy import PatchParallel, batch_groups
+from paraflow.strategies.tensor import MESH_DIM, TensorStrategy
 
 
 @dataclass(frozen=True)

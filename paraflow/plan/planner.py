@@ -19,8 +19,8 @@ from paraflow.plan.simulate import Inputs
 from paraflow.plan.weights import PHASES, Policy, module_bytes, stage_policies, tensor_share
 from paraflow.registry import build_strategy
 from paraflow.run import expanded_prompts
+from paraflow.strategies.tensor import TensorStrategy, resolve_plan
 from paraflow.validate import model_factor, validate
-from strategies.tensor import TensorStrategy, resolve_plan
 
 
 def _inputs(cfg: DictConfig, unet: nn.Module, factor: int) -> Inputs:

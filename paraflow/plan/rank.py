@@ -19,11 +19,11 @@ from paraflow.plan.layout import Role
 from paraflow.plan.simulate import Inputs, PlannedComm, install_patch, replay, shard_on_meta
 from paraflow.plan.weights import Policy
 from paraflow.registry import build_strategy
-from strategies.guidance import GuidanceSplit
-from strategies.patch.adapter import replicated_input_convs
-from strategies.patch.bands import BandPlan, band_sizes
-from strategies.patch.strategy import PatchParallel
-from strategies.tensor import TensorStrategy, resolve_plan
+from paraflow.strategies.guidance import GuidanceSplit
+from paraflow.strategies.patch.adapter import replicated_input_convs
+from paraflow.strategies.patch.bands import BandPlan, band_sizes
+from paraflow.strategies.patch.strategy import PatchParallel
+from paraflow.strategies.tensor import TensorStrategy, resolve_plan
 
 
 def _skeleton(cfg: DictConfig, name: str, policies: dict[str, Policy]) -> Any:

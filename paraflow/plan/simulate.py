@@ -21,12 +21,12 @@ from paraflow.comm import Communicator, GatherHandle
 from paraflow.context import ParallelContext
 from paraflow.plan.layout import Role
 from paraflow.plan.live import LiveBytes
-from strategies.patch.state import PatchState
-from strategies.patch.strategy import PatchParallel, batch_groups
-from strategies.patch.unet import Layout as BandLayout
-from strategies.patch.vae import patch_decode
-from strategies.tensor import PlannedSplit
-from strategies.tensor_layers import (
+from paraflow.strategies.patch.state import PatchState
+from paraflow.strategies.patch.strategy import PatchParallel, batch_groups
+from paraflow.strategies.patch.unet import Layout as BandLayout
+from paraflow.strategies.patch.vae import patch_decode
+from paraflow.strategies.tensor import PlannedSplit
+from paraflow.strategies.tensor_layers import (
     InputShardedConv2d,
     interleave_gated,
     shard_conv_out,

@@ -14,7 +14,7 @@ from torch import nn
 from paraflow.config import Offload, Placement, Precision
 from paraflow.graph import execution_order
 from paraflow.policy import DTYPES
-from strategies.tensor import PlannedSplit
+from paraflow.strategies.tensor import PlannedSplit
 
 PHASES = {"encode": ("text_encoder", "text_encoder_2"), "denoise": ("unet",), "decode": ("vae",)}
 

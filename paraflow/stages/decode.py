@@ -26,7 +26,7 @@ class Decode:
             shared = getattr(env.strategy, "replicated_latents", False)
             parallel = StageParallel.patch if shared else StageParallel.none
         if parallel is StageParallel.patch and comm.world_size > 1:
-            from strategies.patch.vae import patch_decode
+            from paraflow.strategies.patch.vae import patch_decode
 
             pixels = patch_decode(vae, scaled, comm)
         else:

@@ -53,7 +53,7 @@ def draw_samples(folder: Path, count: int, seed: int, out: Path) -> None:
     (out / "samples.txt").write_text("\n".join(s.caption for s in scenes) + "\n")
 
 
-@hydra.main(config_path="../../conf", config_name="train", version_base="1.3")
+@hydra.main(config_path="pkg://paraflow.conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from paraflow.errors import ParaflowError
-from strategies.patch.state import PatchState
+from paraflow.strategies.patch.state import PatchState
 
 
 class PatchSelfAttnProcessor:

@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from paraflow.errors import ParaflowError
-from strategies.patch.bands import conv_halo, conv_keeps_bands, halo_sources
-from strategies.patch.state import PatchState
+from paraflow.strategies.patch.bands import conv_halo, conv_keeps_bands, halo_sources
+from paraflow.strategies.patch.state import PatchState
 
 
 class PatchConv2d(nn.Module):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from strategies.patch.state import GroupNormMode, PatchState
+from paraflow.strategies.patch.state import GroupNormMode, PatchState
 
 
 def estimate_moments(mode: GroupNormMode, stale: list[torch.Tensor], fresh: torch.Tensor,

@@ -6,11 +6,11 @@ from collections.abc import Collection
 
 from torch import nn
 
-from strategies.patch.adapter import set_self_attention_processors
-from strategies.patch.attention import PatchSelfAttnProcessor
-from strategies.patch.conv import PatchConv2d
-from strategies.patch.groupnorm import PatchGroupNorm
-from strategies.patch.state import PatchState
+from paraflow.strategies.patch.adapter import set_self_attention_processors
+from paraflow.strategies.patch.attention import PatchSelfAttnProcessor
+from paraflow.strategies.patch.conv import PatchConv2d
+from paraflow.strategies.patch.groupnorm import PatchGroupNorm
+from paraflow.strategies.patch.state import PatchState
 
 
 def swap_patch_layers(model: nn.Module, state: PatchState, prefix: str = "",

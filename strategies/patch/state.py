@@ -22,7 +22,7 @@ import torch
 
 from paraflow.comm import Communicator, GatherHandle
 from paraflow.config import GroupNormMode
-from strategies.patch.bands import BandPlan
+from paraflow.strategies.patch.bands import BandPlan
 
 
 @dataclass

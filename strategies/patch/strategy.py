@@ -23,19 +23,19 @@ from paraflow.mesh import (
     world_of,
 )
 from paraflow.outputs import OutputSink
-from paraflow.validate import model_factor
-from strategies.base import ReplicatedModel
-from strategies.patch.adapter import (
+from paraflow.strategies.base import ReplicatedModel
+from paraflow.strategies.patch.adapter import (
     configured_downsampling,
     replicated_input_convs,
     unet_downsampling,
 )
-from strategies.patch.bands import check_layout
-from strategies.patch.layers import swap_patch_layers
-from strategies.patch.state import GroupNormMode, PatchState
-from strategies.patch.unet import Layout as BandLayout
-from strategies.patch.unet import PatchUNetHooks
-from strategies.replicas import DataReplicas
+from paraflow.strategies.patch.bands import check_layout
+from paraflow.strategies.patch.layers import swap_patch_layers
+from paraflow.strategies.patch.state import GroupNormMode, PatchState
+from paraflow.strategies.patch.unet import Layout as BandLayout
+from paraflow.strategies.patch.unet import PatchUNetHooks
+from paraflow.strategies.replicas import DataReplicas
+from paraflow.validate import model_factor
 
 
 def batch_groups(world_size: int, cfg_split: bool) -> list[list[int]]:

@@ -17,9 +17,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from paraflow.comm import Communicator
-from strategies.patch.adapter import split_unet_call, unet_output_sample, with_output_sample
-from strategies.patch.bands import BandPlan, band_sizes
-from strategies.patch.state import PatchState
+from paraflow.strategies.patch.adapter import (
+    split_unet_call,
+    unet_output_sample,
+    with_output_sample,
+)
+from paraflow.strategies.patch.bands import BandPlan, band_sizes
+from paraflow.strategies.patch.state import PatchState
 
 
 @dataclass

@@ -15,10 +15,10 @@ import torch
 import torch.nn.functional as F
 
 from paraflow.comm import Communicator
-from strategies.patch.bands import BandPlan, band_sizes
-from strategies.patch.conv import PatchConv2d
-from strategies.patch.layers import swap_patch_layers
-from strategies.patch.state import PatchState
+from paraflow.strategies.patch.bands import BandPlan, band_sizes
+from paraflow.strategies.patch.conv import PatchConv2d
+from paraflow.strategies.patch.layers import swap_patch_layers
+from paraflow.strategies.patch.state import PatchState
 
 
 def _decoder_state(vae: Any, comm: Communicator) -> PatchState:

@@ -1,0 +1,1 @@
+"""paraflow's Hydra configs, installed as the package `paraflow.conf` (Hydra's pkg://paraflow.conf)."""
