@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
@@ -41,16 +42,6 @@ class StageParallel(str, Enum):
     none = "none"  # every rank runs the stage on its own inputs
     patch = "patch"  # the ranks share one image, one band of rows each (patch strategies)
     auto = "auto"  # patch where every rank holds the same image (patch strategies), else none
-
-
-class GroupNormMode(str, Enum):
-    """GroupNorm statistics after warm-up in displaced patch parallelism."""
-
-    corrected_async = "corrected_async"  # the paper: previous global + (fresh − previous) own
-    weighted = "weighted"  # the other bands' previous sums with this band's fresh ones
-    stale = "stale"  # the previous step's global statistics
-    sync = "sync"  # fresh global statistics every step (an all-gather per GroupNorm)
-    separate = "separate"  # this band's statistics only
 
 
 class Arch(str, Enum):
@@ -126,53 +117,6 @@ class LauncherConfig:
 
 
 @dataclass
-class StrategyConfig:
-    _target_: str = MISSING
-    name: str = MISSING
-
-
-class TensorStyle(str, Enum):
-    """How strategy=tensor splits one module (see strategies/tensor.py)."""
-
-    colwise = "colwise"  # linear by output features
-    colwise_gated = "colwise_gated"  # gated linear (GEGLU) by output features, halves kept paired
-    rowwise = "rowwise"  # linear by input features; its output all-reduced
-    heads = "heads"  # attention module: told it has heads/N heads
-    conv_out = "conv_out"  # conv by output channels
-    conv_in = "conv_in"  # conv by input channels; its output all-reduced
-    groupnorm = "groupnorm"  # GroupNorm along whole groups
-
-
-@dataclass
-class MeshStrategyConfig(StrategyConfig):
-    """Strategies laid out on the data × cfg × inner mesh (paraflow/mesh.py)."""
-
-    data_degree: int = 1  # data replicas; the ranks left over go to the inner strategy
-    cfg_split: bool = False  # guidance branches on two halves of each replica
-
-
-@dataclass
-class TensorStrategyConfig(MeshStrategyConfig):
-    _target_: str = "paraflow.strategies.tensor.TensorStrategy"
-    name: str = "tensor"
-    component: str = "unet"  # the pipeline module to split
-    plan: dict[str, TensorStyle] = field(default_factory=dict)  # module-name glob -> style
-
-
-@dataclass
-class PatchStrategyConfig(MeshStrategyConfig):
-    """Bands inside each guidance half of each replica."""
-
-
-@dataclass
-class DisplacedPatchConfig(PatchStrategyConfig):
-    warmup_steps: int = 4  # synchronous steps after the first
-    groupnorm: GroupNormMode = GroupNormMode.corrected_async
-    frozen: bool = False  # no refresh after warm-up: the no-communication ideal
-    bucket_mb: float = 4.0  # pieces packed into one asynchronous all-gather
-
-
-@dataclass
 class RunConfig:
     model: Any = MISSING
     scheduler: Any = MISSING
@@ -208,6 +152,9 @@ EMBEDDED_MODEL = Path(__file__).resolve().parent / "models" / "embedded"
 OmegaConf.register_new_resolver("paraflow_embedded", lambda: str(EMBEDDED_MODEL), replace=True)
 
 
+CONFIG_GROUP = "paraflow.configs"  # entry points: register(store) for a plugin's configs
+
+
 def register_configs() -> None:
     """Put the schemas in Hydra's ConfigStore; call before composing (no work at import)."""
     store = ConfigStore.instance()
@@ -217,7 +164,5 @@ def register_configs() -> None:
     store.store(group="schemas/scheduler", name="scheduler", node=SchedulerConfig)
     store.store(group="schemas/pipeline", name="pipeline", node=PipelineConfig)
     store.store(group="schemas/launcher", name="launcher", node=LauncherConfig)
-    store.store(group="schemas/strategy", name="strategy", node=StrategyConfig)
-    store.store(group="schemas/strategy", name="patch", node=PatchStrategyConfig)
-    store.store(group="schemas/strategy", name="displaced_patch", node=DisplacedPatchConfig)
-    store.store(group="schemas/strategy", name="tensor", node=TensorStrategyConfig)
+    for plugin in entry_points(group=CONFIG_GROUP):  # strategies' schemas (paraflow/plugin.py)
+        plugin.load()(store)

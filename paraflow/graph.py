@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
     from paraflow.context import ParallelContext
     from paraflow.outputs import OutputSink
-    from paraflow.strategies.base import Strategy
+    from paraflow.plugin import Strategy
 
 # Values the runner provides before the first stage.
 RUN_INPUTS = ("prompts", "image_ids")

@@ -88,9 +88,7 @@ def layout_label(name: str, cfg_split: bool, data_degree: int) -> str:
 
 def layout_of(cfg: DictConfig) -> Layout | None:
     """The mesh layout the run's strategy asks for (None: no mesh, e.g. single device)."""
-    strategy = build_strategy(cfg.get("strategy"))
-    layout = getattr(strategy, "mesh_layout", None)
-    return layout(world_of(cfg)) if callable(layout) else None
+    return build_strategy(cfg.get("strategy")).mesh_layout(world_of(cfg))
 
 
 def dim_groups(layout: Mapping[str, int], dim: str) -> list[list[int]]:

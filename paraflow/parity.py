@@ -50,35 +50,25 @@ def reference_overrides(overrides: Sequence[str]) -> list[str]:
 
 
 def sync_overrides(overrides: Sequence[str], cfg: DictConfig) -> list[str] | None:
-    """The same layout under sync_patch (None when `cfg` is not a patch strategy)."""
-    from paraflow.strategies.patch.strategy import PatchParallel
-
-    if not isinstance(build_strategy(cfg.strategy), PatchParallel):
+    """The same layout under the strategy's exact twin (sync_patch for the patch strategies;
+    None when it has none)."""
+    twin = build_strategy(cfg.strategy).exact_twin(cfg)
+    if twin is None:
         return None
-    if cfg.strategy.name == "sync_patch":
+    if twin[0] == f"+strategy={cfg.strategy.name}":
         return list(overrides)
-    kept = [o for o in overrides if not _is_strategy_override(o)]
-    return [*kept, "+strategy=sync_patch", f"strategy.cfg_split={cfg.strategy.cfg_split}",
-            f"strategy.data_degree={cfg.strategy.data_degree}"]
+    return [*[o for o in overrides if not _is_strategy_override(o)], *twin]
 
 
 def band_boundaries(cfg: DictConfig, rows: int) -> list[int]:
     """First pixel row of every band but the first, for an image of `rows` pixel rows."""
-    from paraflow.strategies.patch.adapter import configured_downsampling
-    from paraflow.strategies.patch.bands import band_sizes
-    from paraflow.strategies.patch.strategy import PatchParallel, batch_groups
     from paraflow.validate import model_factor
 
-    strategy = build_strategy(cfg.strategy)
-    if not isinstance(strategy, PatchParallel):
+    bands = build_strategy(cfg.strategy).band_rows(cfg)
+    if bands is None:
         return []
-    world = int(cfg.launcher.devices) * int(cfg.launcher.num_nodes)
-    layout = strategy.mesh_layout(world)
-    bands = layout["patch"] if layout else max(len(g) for g in batch_groups(world,
-                                                                             strategy.cfg_split))
     factor = model_factor(cfg.model)
-    unit = configured_downsampling(cfg.model) or 1
-    starts = np.cumsum(band_sizes(rows // factor, bands, unit))[:-1] * factor
+    starts = np.cumsum(bands)[:-1] * factor
     return [int(s) for s in starts]
 
 

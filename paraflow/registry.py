@@ -1,4 +1,5 @@
-"""Strategies are plugins found through the entry-point group `paraflow.strategies`."""
+"""Strategies are plugins found through the entry-point group `paraflow.strategies` (name →
+class); what they must provide is paraflow.plugin.Strategy."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from omegaconf import DictConfig
 
 from paraflow.config import plain_dict
 from paraflow.errors import ParaflowError
+from paraflow.plugin import Strategy
 
 GROUP = "paraflow.strategies"
 
@@ -17,7 +19,7 @@ def available_strategies() -> dict[str, EntryPoint]:
     return {ep.name: ep for ep in entry_points(group=GROUP)}
 
 
-def build_strategy(strategy_cfg: DictConfig | None) -> Any:
+def build_strategy(strategy_cfg: DictConfig | None) -> Strategy:
     """The strategy object for a `strategy` config (None: one device)."""
     found = available_strategies()
     name = "single" if strategy_cfg is None else str(strategy_cfg.name)
@@ -28,4 +30,11 @@ def build_strategy(strategy_cfg: DictConfig | None) -> Any:
     if strategy_cfg is not None:
         options = {k: v for k, v in plain_dict(strategy_cfg).items()
                    if k not in ("_target_", "name")}
-    return found[name].load()(**options)
+    strategy = found[name].load()(**options)
+    if not isinstance(strategy, Strategy):
+        members = {*Strategy.__annotations__, *(m for m in vars(Strategy) if m[0] != "_")}
+        missing = sorted(m for m in members if not hasattr(strategy, m))
+        raise ParaflowError(f"strategy {name} ({found[name].value}) lacks {', '.join(missing)} "
+                            "of paraflow.plugin.Strategy; subclass paraflow.plugin.StrategyBase "
+                            "for the defaults")
+    return strategy

@@ -33,6 +33,7 @@ from typing import Any, Literal, cast, get_args
 from omegaconf import DictConfig
 from torch import nn
 
+from paraflow.adapters import attention_heads, set_attention_heads
 from paraflow.context import ParallelContext
 from paraflow.errors import ParaflowError
 from paraflow.mesh import (
@@ -45,6 +46,7 @@ from paraflow.mesh import (
     world_of,
 )
 from paraflow.outputs import OutputSink
+from paraflow.plugin import StrategyBase
 from paraflow.strategies.guidance import GuidanceSplit
 from paraflow.strategies.replicas import DataReplicas
 from paraflow.strategies.tensor_layers import (
@@ -79,8 +81,8 @@ def _split_size(name: str, module: nn.Module, style: Style) -> tuple[int, str]:
                                 f"'{style}' applies to {kind.__name__} modules")
 
     if style == "heads":
-        heads = getattr(module, "heads", None)
-        if not isinstance(heads, int):
+        heads = attention_heads(module)
+        if heads is None:
             raise ParaflowError(f"strategy.plan: {name} ({type(module).__name__}) has no integer "
                                 "`heads`; style 'heads' applies to attention modules")
         return heads, "attention heads"
@@ -167,7 +169,7 @@ def apply_plan(model: nn.Module, splits: list[PlannedSplit], mesh: Any, n: int, 
             biases[split.name] = move_bias_out(cast(nn.Linear, module))
             linear_plan[split.name] = RowwiseParallel(output_layouts=Partial())
         elif split.style == "heads":
-            module.heads = split.count // n  # diffusers' Attention reads it to reshape q/k/v
+            set_attention_heads(module, split.count // n)
         elif split.style == "conv_out":
             shard_conv_out(cast(nn.Conv2d, module), n, rank)
         elif split.style == "groupnorm":
@@ -182,7 +184,7 @@ def apply_plan(model: nn.Module, splits: list[PlannedSplit], mesh: Any, n: int, 
         finish_rowwise(cast(nn.Linear, modules[name]), reduce, bias)
 
 
-class TensorStrategy:
+class TensorStrategy(StrategyBase):
     """Tensor parallelism (see the module docstring): every rank of a replica makes every image
     of the replica, rank 0 writes them all."""
 
@@ -260,5 +262,3 @@ class TensorStrategy:
     def gather(self, sink: OutputSink, ctx: ParallelContext) -> OutputSink:
         return self.replicas.gather(sink, ctx)  # within a replica every rank made the same
 
-    def on_step(self, step: int, ctx: ParallelContext) -> None:
-        return None

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from paraflow.api import compose
-from paraflow.config import GroupNormMode
 from paraflow.launcher import launch
 from paraflow.strategies.patch.groupnorm import estimate_moments
+from paraflow.strategies.schemas import GroupNormMode
 from tests import workers
 
 TOL = 1e-9

@@ -10,13 +10,14 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from paraflow.errors import ParaflowError
 from paraflow.mesh import world_of
+from paraflow.plan.planned import planned_context
+from paraflow.registry import build_strategy
 from paraflow.run import expanded_prompts
-from paraflow.strategies.base import ReplicatedModel
 from paraflow.strategies.data import DataStrategy, split_evenly
 from paraflow.strategies.patch.bands import band_sizes
 from paraflow.strategies.patch.strategy import PatchParallel, batch_groups
+from paraflow.strategies.single import SingleDevice
 from paraflow.strategies.tensor import MESH_DIM, TensorStrategy
 
 
@@ -36,6 +37,7 @@ class Role:
     cfg_rank: int = 0
     gather: int = 1  # ranks of the result gather this rank takes part in (1: none)
     gather_max: int = 0  # most images one of them sends
+    replayed: bool = False  # a strategy the planner does not model: its own code is replayed
 
     @property
     def images(self) -> int:
@@ -44,6 +46,8 @@ class Role:
     def key(self) -> tuple[Any, ...]:
         """Ranks with equal keys have equal memory and traffic (up to edge halos)."""
         bands = self.bands[self.band] if self.bands else 0
+        if self.replayed:
+            return (self.rank,)  # nothing known about which ranks are alike
         return (max(self.chunks, default=0), self.parts, self.part_sizes, len(self.bands), bands,
                 self.replica, self.decode_rows, self.tensor)
 
@@ -56,6 +60,26 @@ def _replicas(n_images: int, degree: int, index: int) -> tuple[int, int]:
     """(images of replica `index`, most images of any replica)."""
     mine = len(split_evenly(n_images, degree, index))
     return mine, len(split_evenly(n_images, degree, 0))
+
+
+def modelled(strategy: Any) -> bool:
+    """Whether the planner has its own model of `strategy` (the built-in ones); any other is
+    planned by replaying its code (replayed_roles, paraflow/plan/rank.py)."""
+    return isinstance(strategy, (PatchParallel, TensorStrategy)) or type(strategy) in (
+        DataStrategy, SingleDevice)
+
+
+def replayed_roles(cfg: DictConfig, world: int, n: int, batch: int) -> list[Role]:
+    """Every rank's images from the strategy's own setup and assign_images on a planned
+    context (paraflow/plan/planned.py)."""
+    roles = []
+    for rank in range(world):
+        strategy, ctx = build_strategy(cfg.strategy), planned_context(rank, world)
+        strategy.setup(ctx)
+        images = strategy.assign_images(n, ctx)
+        roles.append(Role(rank, f"{strategy.name} rank {rank}/{world}",
+                          _chunks(len(images), batch), replayed=True))
+    return roles
 
 
 def rank_roles(cfg: DictConfig, strategy: Any, unit: int, factor: int) -> list[Role]:
@@ -97,9 +121,7 @@ def rank_roles(cfg: DictConfig, strategy: Any, unit: int, factor: int) -> list[R
             roles.append(Role(rank, f"data {rank}/{world}", _chunks(images, batch),
                               gather=world, gather_max=len(split_evenly(n, world, 0))))
         return roles
-    if isinstance(strategy, ReplicatedModel):  # single device (every rank makes every image)
+    if isinstance(strategy, SingleDevice):  # every rank makes every image
         return [Role(rank, "whole model, every image", _chunks(n, batch), gather=world,
                      gather_max=n) for rank in range(world)]
-    raise ParaflowError(f"strategy.name={strategy.name}: the planner knows single, data, "
-                        "tensor and the patch strategies (naive_patch, sync_patch, "
-                        "displaced_patch, distrifusion)")
+    return replayed_roles(cfg, world, n, batch)

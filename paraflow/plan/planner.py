@@ -8,11 +8,17 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from paraflow.adapters import (
+    added_condition_widths,
+    latent_channels,
+    unet_downsampling,
+    uses_guidance,
+)
 from paraflow.errors import ParaflowError
 from paraflow.mesh import world_of
 from paraflow.models.skeleton import COMPONENTS, pipeline_skeleton, prompt_tokens
 from paraflow.plan.comm import gather_by_index
-from paraflow.plan.layout import rank_roles
+from paraflow.plan.layout import modelled, rank_roles
 from paraflow.plan.rank import RankWork, patch_decode_wanted
 from paraflow.plan.report import Plan, RankPlan
 from paraflow.plan.simulate import Inputs
@@ -24,15 +30,9 @@ from paraflow.validate import model_factor, validate
 
 
 def _inputs(cfg: DictConfig, unet: nn.Module, factor: int) -> Inputs:
-    config: Any = unet.config
-    added = None
-    if config.addition_embed_type == "text_time":
-        time_width = 6 * int(config.addition_time_embed_dim)
-        added = {"text_embeds": int(config.projection_class_embeddings_input_dim) - time_width,
-                 "time_ids": 6}
-    guidance = float(cfg.guidance_scale) > 1.0 and config.time_cond_proj_dim is None
-    return Inputs((int(config.in_channels), int(cfg.height) // factor, int(cfg.width) // factor),
-                  prompt_tokens(cfg.model), guidance, added)
+    guidance = uses_guidance(unet, float(cfg.guidance_scale))
+    latent = (latent_channels(unet), int(cfg.height) // factor, int(cfg.width) // factor)
+    return Inputs(latent, prompt_tokens(cfg.model), guidance, added_condition_widths(unet))
 
 
 def _accelerator(cfg: DictConfig) -> str:
@@ -98,7 +98,7 @@ def make_plan(cfg: DictConfig) -> Plan:
     policies = stage_policies(cfg)
     factor = model_factor(cfg.model)
     denoiser: Any = parts["unet"]
-    unit = int(2 ** (len(denoiser.config.block_out_channels) - 1))
+    unit = unet_downsampling(denoiser)
     roles = rank_roles(cfg, strategy, unit, factor)
     inputs = _inputs(cfg, parts["unet"], factor)
     weights = {n: module_bytes(parts[n], policies.get(n, Policy()).dtype)
@@ -125,8 +125,8 @@ def make_plan(cfg: DictConfig) -> Plan:
             peak, None if budget is None else peak <= budget))
     summary = {
         "model": str(cfg.model.name), "height": int(cfg.height), "width": int(cfg.width),
-        "strategy": getattr(strategy, "mode", strategy.name), "world_size": world_of(cfg),
-        "mesh": _mesh(strategy, world_of(cfg)), "steps": int(cfg.steps),
+        "strategy": strategy.mode, "world_size": world_of(cfg),
+        "mesh": strategy.mesh_layout(world_of(cfg)), "steps": int(cfg.steps),
         "images": len(expanded_prompts(cfg)),
         "guidance": inputs.guidance,
         "precision": {n: str(policies.get(n, Policy()).dtype).removeprefix("torch.")
@@ -145,12 +145,13 @@ def make_plan(cfg: DictConfig) -> Plan:
         + "allocator slack not included",
         "bytes sent as paraflow's communicator counts them (ring algorithms), per rank",
     ]
+    if not modelled(strategy):
+        notes.append(f"strategy {strategy.name}: planned by replaying its own setup, "
+                     "parallelize and steps on meta tensors for every rank (bytes as its "
+                     "collectives book them); weights as loaded, before any sharding it does; "
+                     "its result gather is not planned")
     if cpu and world_of(cfg) > 1 and _accelerator(cfg) == "auto":
         notes.append("planned for CPU ranks (launcher.accelerator=auto on a machine without "
                      "CUDA); add launcher.accelerator=cuda to plan GPUs")
     return Plan(summary, rows, budget, source, notes)
 
-
-def _mesh(strategy: Any, world: int) -> dict[str, int] | None:
-    layout = getattr(strategy, "mesh_layout", None)
-    return layout(world) if callable(layout) else None

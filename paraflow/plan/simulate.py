@@ -17,10 +17,11 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from paraflow.comm import Communicator, GatherHandle
+from paraflow.adapters import context_width, set_attention_heads
 from paraflow.context import ParallelContext
 from paraflow.plan.layout import Role
 from paraflow.plan.live import LiveBytes
+from paraflow.plan.planned import PlannedComm
 from paraflow.strategies.patch.state import PatchState
 from paraflow.strategies.patch.strategy import PatchParallel, batch_groups
 from paraflow.strategies.patch.unet import Layout as BandLayout
@@ -32,36 +33,6 @@ from paraflow.strategies.tensor_layers import (
     shard_conv_out,
     shard_group_norm,
 )
-
-
-class _Sent:
-    """Holds the send buffer of an asynchronous all-gather, as the transport's work object does
-    until the handle goes."""
-
-    def __init__(self, tensor: torch.Tensor) -> None:
-        self.tensor = tensor
-
-    def wait(self) -> None:
-        return None
-
-
-class PlannedComm(Communicator):
-    """Collectives of `world_size` ranks that move nothing: N fresh pieces of the input's shape,
-    as the real all-gather returns them; all-reduce in place."""
-
-    def __init__(self, world_size: int, rank: int) -> None:
-        super().__init__(None, world_size, rank)
-
-    def all_gather(self, tensor: torch.Tensor) -> list[torch.Tensor]:
-        if self.world_size == 1:
-            return [tensor]
-        return [torch.empty_like(tensor) for _ in range(self.world_size)]
-
-    def all_gather_async(self, tensor: torch.Tensor) -> GatherHandle:
-        return GatherHandle(_Sent(tensor), self.all_gather(tensor), None)
-
-    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
-        return tensor
 
 
 @dataclass
@@ -94,7 +65,7 @@ def shard_on_meta(model: nn.Module, splits: list[PlannedSplit], n: int) -> None:
             linear.weight = nn.Parameter(linear.weight[:, : linear.in_features // n])
             linear.in_features //= n
         elif split.style == "heads":
-            module.heads = split.count // n
+            set_attention_heads(module, split.count // n)
         elif split.style == "conv_out":
             shard_conv_out(cast(nn.Conv2d, module), n, 0)
         elif split.style == "groupnorm":
@@ -114,7 +85,7 @@ def install_patch(strategy: PatchParallel, role: Role, unet: nn.Module) -> None:
                                 bucket_bytes=strategy.bucket_bytes)
     replica = PlannedComm(role.replica, role.replica_rank)
     strategy.layout = BandLayout(replica, groups, 1)
-    strategy.image_comm = replica
+    strategy._image_comm = replica
     strategy.parallelize(SimpleNamespace(unet=unet), _context(role))
 
 
@@ -133,11 +104,13 @@ def steps_to_replay(strategy: Any, steps: int) -> list[int]:
 
 
 def replay(strategy: Any, role: Role, unet: Any, vae: Any, inputs: Inputs,
-           images: int, steps: int, patch_decode_over: int, cpu: bool) -> tuple[int, int]:
+           images: int, steps: int, patch_decode_over: int, cpu: bool,
+           ctx: ParallelContext | None = None) -> tuple[int, int]:
     """Peak live bytes (denoising, then decoding) of one pass of `images` images through the
     meta `unet` and `vae` as `strategy` runs them on this rank; patch decode over
-    `patch_decode_over` ranks (1: whole); `cpu`: CPU convolution workspace (live.py)."""
-    ctx = _context(role)
+    `patch_decode_over` ranks (1: whole); `cpu`: CPU convolution workspace (live.py). `ctx`
+    (default: the role's): its communicator books each replayed step's bytes under the step."""
+    ctx = ctx or _context(role)
     unet_dtype = next(unet.parameters()).dtype
     vae_dtype = next(vae.parameters()).dtype
     weights = [*unet.parameters(), *unet.buffers(), *vae.parameters(), *vae.buffers()]
@@ -145,7 +118,7 @@ def replay(strategy: Any, role: Role, unet: Any, vae: Any, inputs: Inputs,
     batch = images * (2 if inputs.guidance else 1)
     meta = torch.device("meta")
     with torch.inference_mode(), live:
-        embeds = torch.empty(batch, inputs.tokens, unet.config.cross_attention_dim,
+        embeds = torch.empty(batch, inputs.tokens, context_width(unet),
                              dtype=unet_dtype, device=meta)
         added = None if inputs.added is None else {
             k: torch.empty(batch, width, dtype=unet_dtype, device=meta)
@@ -154,6 +127,7 @@ def replay(strategy: Any, role: Role, unet: Any, vae: Any, inputs: Inputs,
         latents = initial * 1.0
         t = torch.tensor(500, device=meta)
         for step in steps_to_replay(strategy, steps):
+            ctx.comm.step = step
             strategy.on_step(step, ctx)
             model_input = torch.cat([latents] * 2) if inputs.guidance else latents
             noise = unet(model_input.to(unet_dtype), t, encoder_hidden_states=embeds,
@@ -163,9 +137,8 @@ def replay(strategy: Any, role: Role, unet: Any, vae: Any, inputs: Inputs,
                 noise = uncond + 5.0 * (text - uncond)
             latents = latents * 0.5 + noise * 0.5  # the scheduler step: latent-sized temporaries
             del model_input, noise
-        finish = getattr(strategy, "on_denoise_end", None)  # as the Denoise stage calls it
-        if callable(finish):
-            finish(ctx)
+        ctx.comm.step = None
+        strategy.on_denoise_end(ctx)  # as the Denoise stage calls it
         denoise = live.peak
         live.reset_peak()
         scaled = latents.to(vae_dtype) / 0.5

@@ -10,9 +10,9 @@ from paraflow.graph import StageEnv
 
 
 class Decode:
-    """Final latents → pixels in [-1, 1] with the VAE decoder. With `parallel=patch` (patch
-    strategies: every rank holds the same latents) each rank decodes one band of rows; `auto`
-    (the default) does that under a patch strategy."""
+    """Final latents → pixels in [-1, 1] with the VAE decoder. With `parallel=patch` (a
+    strategy whose ranks hold the same latents) each rank decodes one band of rows (the
+    strategy's decode_in_bands); `auto` (the default) does that whenever the strategy allows."""
 
     components = ("vae",)
 
@@ -20,15 +20,12 @@ class Decode:
         vae = env.pipe.vae
         scaled = latents_to_vae_input(vae, latents.to(env.device, env.dtype))
         parallel = StageParallel(getattr(env.spec, "parallel", StageParallel.none))
-        # The ranks holding the same image: a data replica in hybrid layouts, else all.
-        comm = getattr(env.strategy, "image_comm", None) or env.ctx.comm
+        strategy = env.strategy
         if parallel is StageParallel.auto:
-            shared = getattr(env.strategy, "replicated_latents", False)
+            shared = strategy.replicated_latents
             parallel = StageParallel.patch if shared else StageParallel.none
-        if parallel is StageParallel.patch and comm.world_size > 1:
-            from paraflow.strategies.patch.vae import patch_decode
-
-            pixels = patch_decode(vae, scaled, comm)
+        if parallel is StageParallel.patch and strategy.image_comm(env.ctx).world_size > 1:
+            pixels = strategy.decode_in_bands(vae, scaled, env.ctx)
         else:
             pixels = vae.decode(scaled, return_dict=False)[0]
         return {"pixels": pixels.float()}

@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 import torch
 
 from paraflow.comm import Communicator, GatherHandle
-from paraflow.config import GroupNormMode
 from paraflow.strategies.patch.bands import BandPlan
+from paraflow.strategies.schemas import GroupNormMode
 
 
 @dataclass

@@ -1,0 +1,119 @@
+"""What core needs from a strategy plugin, and the defaults a plugin inherits.
+
+A strategy is found by name in the entry-point group `paraflow.strategies` (name → class); its
+config schema and default config are put in Hydra's ConfigStore by a function in the group
+`paraflow.configs` (`register(store)`: e.g. `store.store(group="strategy", name=NAME,
+node=SchemaDataclass)`), so `+strategy=NAME` composes, is checked against the schema and builds
+the class, for a plugin from another package exactly as for the
+built-in ones. Core calls strategies only through `Strategy`; `StrategyBase` gives every
+optional hook its do-nothing default.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    import torch
+    from omegaconf import DictConfig
+
+    from paraflow.comm import Communicator
+    from paraflow.context import ParallelContext
+    from paraflow.mesh import Layout
+    from paraflow.outputs import OutputSink
+
+@runtime_checkable
+class Strategy(Protocol):
+    """How a run is laid out over the ranks.
+
+    validate: checks of the config before any rank starts (raise ParaflowError).
+    mesh_layout: the named mesh dimensions for a world size, or None; the launcher builds
+        ctx.mesh from it and run.json records it.
+    setup: build groups and buffers from the context, before the model is touched.
+    parallelize: swap or shard modules of the pipeline in place (the model code is not forked).
+    assign_images: which global image indices this rank pushes through the stage graph.
+    on_step: called by the denoising loop before each step (displaced patch needs the counter).
+    on_denoise_end: called once the denoising loop is done, before decode.
+    image_comm: the ranks that hold the same image (decode in bands runs over them).
+    decode_in_bands: the VAE decode with the image's rows split over `image_comm`; only called
+        when `replicated_latents` (every rank of `image_comm` holds the same latents).
+    gather: collect every rank's outputs; the result matters on rank 0 only, which writes.
+    exact_twin: overrides of the exact strategy on the same layout (parity's drift reference),
+        or None when there is none.
+    band_rows: latent rows of each band of one image (parity's seam score), or None.
+    """
+
+    name: str
+    replicated_latents: bool
+
+    @property
+    def mode(self) -> str: ...
+
+    def validate(self, cfg: DictConfig) -> None: ...
+
+    def mesh_layout(self, world_size: int) -> Layout | None: ...
+
+    def setup(self, ctx: ParallelContext) -> None: ...
+
+    def parallelize(self, pipe: Any, ctx: ParallelContext) -> None: ...
+
+    def assign_images(self, n_images: int, ctx: ParallelContext) -> list[int]: ...
+
+    def on_step(self, step: int, ctx: ParallelContext) -> None: ...
+
+    def on_denoise_end(self, ctx: ParallelContext) -> None: ...
+
+    def image_comm(self, ctx: ParallelContext) -> Communicator: ...
+
+    def decode_in_bands(self, vae: Any, latents: torch.Tensor,
+                        ctx: ParallelContext) -> torch.Tensor: ...
+
+    def gather(self, sink: OutputSink, ctx: ParallelContext) -> OutputSink: ...
+
+    def exact_twin(self, cfg: DictConfig) -> list[str] | None: ...
+
+    def band_rows(self, cfg: DictConfig) -> list[int] | None: ...
+
+
+class StrategyBase:
+    """Defaults for every hook but assign_images and gather: no checks, no mesh, no set-up,
+    nothing swapped, no per-step work, one image per rank group of the whole world."""
+
+    name = "base"
+    replicated_latents = False  # set when every rank holds the whole latent of its images
+
+    @property
+    def mode(self) -> str:
+        """A label for messages and run records (options included where they matter)."""
+        return self.name
+
+    def validate(self, cfg: DictConfig) -> None:
+        return None
+
+    def mesh_layout(self, world_size: int) -> Layout | None:
+        return None
+
+    def setup(self, ctx: ParallelContext) -> None:
+        return None
+
+    def parallelize(self, pipe: Any, ctx: ParallelContext) -> None:
+        return None
+
+    def on_step(self, step: int, ctx: ParallelContext) -> None:
+        return None
+
+    def on_denoise_end(self, ctx: ParallelContext) -> None:
+        return None
+
+    def image_comm(self, ctx: ParallelContext) -> Communicator:
+        return ctx.comm
+
+    def decode_in_bands(self, vae: Any, latents: torch.Tensor,
+                        ctx: ParallelContext) -> torch.Tensor:
+        raise NotImplementedError(f"strategy {self.name} does not decode in bands")
+
+    def exact_twin(self, cfg: DictConfig) -> list[str] | None:
+        return None
+
+    def band_rows(self, cfg: DictConfig) -> list[int] | None:
+        return None

@@ -1,0 +1,1 @@
+"""A paraflow strategy plugin: images dealt round-robin over the ranks."""
