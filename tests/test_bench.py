@@ -3,22 +3,53 @@
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 import sys
 from pathlib import Path
 
-from omegaconf import OmegaConf
+import pytest
+from hydra import compose as hydra_compose
+from hydra import initialize_config_module
+from omegaconf import DictConfig
 
 from paraflow.api import CONF_DIR, compose
-from paraflow.bench import grid
+from paraflow.bench.grid import grid
 
 from .conftest import REPO
 
+PRESETS = sorted(p.stem for p in (CONF_DIR / "bench" / "preset").glob("*.yaml"))
+
+
+def bench_config(overrides: list[str]) -> DictConfig:
+    with initialize_config_module("paraflow.conf.bench", version_base="1.3"):
+        return hydra_compose("bench", overrides=overrides)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_preset_composes_into_runnable_cells(preset: str) -> None:
+    bench = bench_config([f"preset={preset}"])
+    cells = grid(bench)
+    assert cells[0].strategy == "single" and len(cells) > 1
+    for cell in cells:  # every cell is a valid run config
+        cfg = compose(cell.overrides(bench))
+        assert cfg.launcher.devices == cell.ranks
+
+
+def test_patch_preset_has_every_groupnorm_mode_on_both_links() -> None:
+    cells = grid(bench_config(["preset=patch"]))
+    modes = {c.strategy for c in cells if c.strategy.startswith("displaced")}
+    assert modes == {f"displaced {m}" for m in ("corrected_async", "weighted", "stale", "sync",
+                                                "separate")}
+    assert {c.link for c in cells if c.strategy == "sync_patch"} == {"real", "16 GB/s 10 us"}
+    modeled = next(c for c in cells if c.link != "real")
+    cfg = compose(modeled.overrides(bench_config(["preset=patch"])))
+    assert cfg.launcher.link.bandwidth_gb_s == 16 and cfg.launcher.link.latency_us == 10
+
 
 def test_grid_lists_baselines_then_layouts() -> None:
-    bench = OmegaConf.load(CONF_DIR / "bench.yaml")
-    bench.merge_with({"sizes": [64], "ranks": [1, 2, 3], "steps": [4],
-                      "strategies": ["sync_patch", "tensor"]})
+    bench = bench_config(["sizes=[64]", "ranks=[1,2,3]", "steps=[4]",
+                          "strategies=[sync_patch,tensor]"])
     names = [cell.name for cell in grid(bench)]
     assert names == ["single 1x1 64px 4st", "single 1x2 64px 4st", "single 1x3 64px 4st",
                      "sync_patch 2x1 64px 4st", "tensor 2x1 64px 4st",
@@ -29,6 +60,7 @@ def test_grid_lists_baselines_then_layouts() -> None:
     assert cfg.strategy.name == "sync_patch" and cfg.launcher.devices == 2
 
 
+@pytest.mark.slow
 def test_bench_command_writes_table_csv_json_and_plots(tmp_path: Path) -> None:
     out = tmp_path / "grid"
     args = ["sizes=[64]", "ranks=[1,2,3]", "steps=[3]", "strategies=[sync_patch,data,tensor]",
@@ -36,8 +68,9 @@ def test_bench_command_writes_table_csv_json_and_plots(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "paraflow.bench", *args], cwd=REPO, text=True,
                           capture_output=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = {(r["strategy"], r["ranks"], r["threads_per_rank"]): r
-            for r in json.loads((out / "bench.json").read_text())["rows"]}
+    written = json.loads((out / "bench.json").read_text())
+    assert written["command"] == shlex.join(["python", "-m", "paraflow.bench", *args])
+    rows = {(r["strategy"], r["ranks"], r["threads_per_rank"]): r for r in written["rows"]}
     print((out / "bench.md").read_text())
     assert rows[("single", 1, 1)]["speedup"] == 1.0
     assert rows[("data", 2, 1)]["max_pixel_diff"] <= 1  # same seeds; batching may round apart

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from paraflow.caption_check import ATTRIBUTES, read_scene, score
-from paraflow.shapes import COLOURS, POSITIONS, SHAPES, Scene, random_scenes, render_batch
+from paraflow.tools.caption_check import ATTRIBUTES, read_scene, score
+from paraflow.tools.shapes import COLOURS, POSITIONS, SHAPES, Scene, random_scenes, render_batch
 
 from .conftest import REPO
 
@@ -93,7 +93,7 @@ def test_blank_image_has_no_object() -> None:
 
 def test_self_test_command(tmp_path: Path) -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "paraflow.caption_check", "--self-test", "--count", "24",
+        [sys.executable, "-m", "paraflow.tools.caption_check", "--self-test", "--count", "24",
          "--out", str(tmp_path)], cwd=REPO, text=True, capture_output=True, timeout=120)
     assert done.returncode == 0, done.stderr
     print(done.stdout)

@@ -11,10 +11,10 @@ import pytest
 from omegaconf import open_dict
 
 from paraflow.api import compose, generate
-from paraflow.caption_check import score
 from paraflow.config import EMBEDDED_MODEL
 from paraflow.run import warn_unknown_words
-from paraflow.shapes import VOCABULARY, random_scenes
+from paraflow.tools.caption_check import score
+from paraflow.tools.shapes import VOCABULARY, random_scenes
 from tests.conftest import read_images
 
 CAPTIONS = [s.caption for s in random_scenes(11, 8)]

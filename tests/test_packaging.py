@@ -22,8 +22,9 @@ import pytest
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow
-ENTRY_POINTS = ["paraflow.bench", "paraflow.parity", "paraflow.plan_check", "paraflow.train",
-                "paraflow.caption_check", "paraflow.samples"]
+ENTRY_POINTS = ["paraflow.bench", "paraflow.plan", "paraflow.tools.parity",
+                "paraflow.tools.plan_check", "paraflow.tools.train", "paraflow.tools.caption_check",
+                "paraflow.tools.samples"]
 
 
 def _copy_of_checkout(dest: Path) -> Path:

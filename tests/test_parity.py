@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from paraflow.api import compose
-from paraflow.parity import band_boundaries, candidates_from, compare, reference_overrides
+from paraflow.tools.parity import band_boundaries, candidates_from, compare, reference_overrides
 
 BASE = ["prompt='a green square in the center, white background'", "height=64", "width=64",
         "steps=12", "launcher.devices=2", "launcher.threads_per_rank=1"]

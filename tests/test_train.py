@@ -18,7 +18,7 @@ SMALL = ["vae_train.steps=2", "vae_train.batch=2", "unet_train.steps=4", "unet_t
 
 
 def train(out: Path, *extra: str) -> Path:
-    result = subprocess.run([sys.executable, "-m", "paraflow.train", *SMALL, *extra,
+    result = subprocess.run([sys.executable, "-m", "paraflow.tools.train", *SMALL, *extra,
                              f"hydra.run.dir={out}"], cwd=REPO, text=True, capture_output=True,
                             timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

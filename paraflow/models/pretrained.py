@@ -50,23 +50,42 @@ def inspect_folder(path: str) -> tuple[str, dict[str, Any]]:
     return class_name, json.loads(vae_config.read_text())
 
 
-def load_pretrained(path: str, variant: str | None = None, local_files_only: bool = True) -> Any:
-    if looks_like_hub_id(path):
-        from diffusers import DiffusionPipeline
+def _without_safety_checker(class_name: str) -> dict[str, Any]:
+    """SD 1.x/2.x folders name a safety checker and its feature extractor; paraflow loads
+    neither (locally or from the hub): generation only, as every other pipeline here."""
+    if class_name != "StableDiffusionPipeline":
+        return {}
+    return {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
 
+
+def _hub_class(path: str, local_files_only: bool) -> str:
+    from diffusers import DiffusionPipeline
+
+    try:
+        index = DiffusionPipeline.load_config(path, local_files_only=local_files_only)
+    except (OSError, ValueError) as err:
+        raise ParaflowError(f"model.path={path}: could not load from the hub or its cache "
+                            f"({err.__class__.__name__}: {str(err).splitlines()[0]})") from None
+    class_name = str(index.get("_class_name", "?"))
+    if class_name not in SUPPORTED:
+        raise ParaflowError(f"model.path={path}: pipeline class {class_name} is not supported; "
+                            f"supported: {', '.join(SUPPORTED)}")
+    return class_name
+
+
+def load_pretrained(path: str, variant: str | None = None, local_files_only: bool = True) -> Any:
+    """A local pipeline folder, or a hub id (from the local cache unless local_files_only is
+    false). Loaded with low memory use (accelerate) and without the safety checker."""
+    if looks_like_hub_id(path):
+        class_name = _hub_class(path, local_files_only)
         try:
-            pipe = DiffusionPipeline.from_pretrained(path, variant=variant, use_safetensors=True,
-                                                     local_files_only=local_files_only)
+            return SUPPORTED[class_name].from_pretrained(
+                path, variant=variant, use_safetensors=True, local_files_only=local_files_only,
+                low_cpu_mem_usage=True, **_without_safety_checker(class_name))
         except (OSError, ValueError) as err:
             raise ParaflowError(f"model.path={path}: could not load from the hub or its cache "
                                 f"({err.__class__.__name__}: {str(err).splitlines()[0]})") from None
-        if type(pipe).__name__ not in SUPPORTED:
-            raise ParaflowError(f"model.path={path}: {type(pipe).__name__} is not supported")
-        return pipe
     class_name, _ = inspect_folder(path)
-    extra: dict[str, Any] = {}
-    if class_name == "StableDiffusionPipeline":
-        extra = {"safety_checker": None, "feature_extractor": None,
-                 "requires_safety_checker": False}
     return SUPPORTED[class_name].from_pretrained(path, variant=variant, use_safetensors=True,
-                                                 **extra)
+                                                 low_cpu_mem_usage=True,
+                                                 **_without_safety_checker(class_name))

@@ -22,7 +22,7 @@ The model, and why it can be trusted without the hardware:
   nothing, and every tensor alive after each op is counted until Python frees it (live.py,
   simulate.py). Fused attention is assumed (CPU and CUDA SDPA never hold the score matrix);
   kernel workspace and allocator slack are not modelled, so real peaks run somewhat higher
-  (python -m paraflow.plan_check measures how much).
+  (python -m paraflow.tools.plan_check measures how much).
 """
 
 from paraflow.plan.planner import make_plan

@@ -12,8 +12,12 @@ from paraflow.plan import make_plan
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if {"-h", "--help"} & set(args):
+        print(__doc__)
+        return 0
     try:
-        plan = make_plan(compose(sys.argv[1:] if argv is None else argv))
+        plan = make_plan(compose(args))
     except ParaflowError as err:
         print(f"paraflow: error: {err}", file=sys.stderr)
         return 2

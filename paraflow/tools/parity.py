@@ -1,7 +1,7 @@
 """Parity report: how far a strategy's image is from the single-device image with the same seed.
 
-    python -m paraflow.parity +strategy=distrifusion launcher.devices=2 height=128 width=128
-    python -m paraflow.parity +strategy=displaced_patch launcher.devices=2 \\
+    python -m paraflow.tools.parity +strategy=distrifusion launcher.devices=2 height=128 width=128
+    python -m paraflow.tools.parity +strategy=displaced_patch launcher.devices=2 \\
         --vary strategy.groupnorm=corrected_async,stale,separate --vary strategy.warmup_steps=1,4
 
 For each candidate: max |Δ| of the final latents, PSNR and SSIM of the image, the seam score at
@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         rows = compare(candidates_from(args.overrides, args.vary), args.out)
     except (ParaflowError, ConfigCompositionException) as err:
-        raise SystemExit(f"paraflow.parity: error: {err}") from None
+        raise SystemExit(f"paraflow.tools.parity: error: {err}") from None
     print((args.out / "parity.md").read_text(), end="")
     print(f"written: {args.out}/parity.json, parity.md, drift.png, compare/ ({len(rows)} rows)")
 

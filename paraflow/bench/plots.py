@@ -1,4 +1,5 @@
-"""PNG plots of a benchmark grid (paraflow.bench): one panel per image size."""
+"""PNG plots of a benchmark grid (paraflow.bench): one panel per image size; a layout on a
+modeled link is its own line."""
 
 from __future__ import annotations
 
@@ -30,10 +31,14 @@ def _series(rows: list[dict[str, Any]], size: int, key: str) -> dict[str, list[t
             name = "1 rank × N threads"
             series.setdefault(name, []).append((r["threads_per_rank"] // lowest, r[key]))
         else:
-            series.setdefault(r["strategy"], []).append((r["ranks"], r[key]))
+            series.setdefault(_label(r), []).append((r["ranks"], r[key]))
     start = [(1, r[key]) for r in base if r["threads_per_rank"] == lowest]
     return {name: sorted(start + points if name != "1 rank × N threads" else points)
             for name, points in series.items()}
+
+
+def _label(row: dict[str, Any]) -> str:
+    return row["strategy"] + ("" if row.get("link", "real") == "real" else f" @{row['link']}")
 
 
 def _line_plot(rows: list[dict[str, Any]], key: str, ylabel: str, path: Path,
@@ -63,7 +68,7 @@ def _bar_plot(rows: list[dict[str, Any]], key: str, ylabel: str, path: Path,
         values = [r[key] for r in chosen]
         if cap is not None:
             values = [cap if math.isinf(v) else v for v in values]
-        ax.bar([r["strategy"] for r in chosen], values)
+        ax.bar([_label(r) for r in chosen], values)
         ax.set(title=f"{size}², {top} ranks", ylabel=ylabel)
         ax.tick_params(axis="x", labelrotation=30, labelsize=7)
     fig.tight_layout()

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
-from paraflow.shapes import random_scenes, render_batch
-from paraflow.train.loop import Ema, cosine_lr, run_steps, save_checkpoint, step_generator
+from paraflow.tools.shapes import random_scenes, render_batch
+from paraflow.tools.train.loop import Ema, cosine_lr, run_steps, save_checkpoint, step_generator
 
 
 def pixels(seed: int, count: int, size: int) -> torch.Tensor:
@@ -60,7 +60,7 @@ def train_vae(pipe: Any, cfg: DictConfig, out: Path, state: dict[str, Any]) -> N
 def encode_dataset(pipe: Any, cfg: DictConfig) -> tuple[torch.Tensor, list[str]]:
     """Encode the UNet phase's scenes once (latent means), and set the VAE's scaling factor so
     the latents have unit variance, as Stable Diffusion's 0.18215 does for its VAE."""
-    from paraflow.shapes import random_scenes
+    from paraflow.tools.shapes import random_scenes
 
     scenes = random_scenes(cfg.seed + 1, cfg.unet_train.dataset_size)
     chunks = []

@@ -1,4 +1,4 @@
-"""`python -m paraflow.train`: train the embedded default model (see conf/train.yaml)."""
+"""`python -m paraflow.tools.train`: train the embedded default model (see conf/train.yaml)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from paraflow.shapes import VOCABULARY
+from paraflow.tools.shapes import VOCABULARY
 
 
 def build_untrained(cfg: DictConfig) -> Any:
@@ -37,7 +37,7 @@ def draw_samples(folder: Path, count: int, seed: int, out: Path) -> None:
     from diffusers import StableDiffusionPipeline
     from PIL import Image
 
-    from paraflow.shapes import random_scenes
+    from paraflow.tools.shapes import random_scenes
 
     pipe = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
@@ -57,7 +57,7 @@ def draw_samples(folder: Path, count: int, seed: int, out: Path) -> None:
 def main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
-    from paraflow.train.phases import train_unet, train_vae
+    from paraflow.tools.train.phases import train_unet, train_vae
 
     torch.set_num_threads(cfg.threads)
     out = Path(HydraConfig.get().runtime.output_dir)

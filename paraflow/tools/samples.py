@@ -1,8 +1,8 @@
 """Sample grids of the default model, for the README: random captions of the shapes world drawn
 in one paraflow run and tiled into one PNG, captions listed beside it in a .txt.
 
-    python -m paraflow.samples --size 64 --out docs/samples_64.png
-    python -m paraflow.samples --size 256 --out docs/samples_256.png   # 4x the native size
+    python -m paraflow.tools.samples --size 64 --out docs/samples_64.png
+    python -m paraflow.tools.samples --size 256 --out docs/samples_256.png   # 4x the native size
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from omegaconf import open_dict
 from PIL import Image
 
 from paraflow.api import compose, generate
-from paraflow.shapes import random_scenes
+from paraflow.tools.shapes import random_scenes
 
 
 def tile(paths: list[Path], columns: int) -> Image.Image:

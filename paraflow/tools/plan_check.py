@@ -1,7 +1,7 @@
 """The planner against measurement: run the tiny model and compare each rank's planned working
 memory, bytes sent and weights with what the run recorded.
 
-    python -m paraflow.plan_check --out bench-results/plan_check
+    python -m paraflow.tools.plan_check --out bench-results/plan_check
 
 Single device and sync/displaced patch parallelism on 2 gloo ranks × 1 thread, at --sizes
 (default 256 and 512), --steps steps (displaced: 1 synchronous warm-up step after the first, so
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     rows = measure(args.sizes, args.steps, args.model, args.out)
     setup = {"model": args.model, "sizes": args.sizes, "steps": args.steps,
-             "command": "python -m paraflow.plan_check " + " ".join(argv or [])}
+             "command": "python -m paraflow.tools.plan_check " + " ".join(argv or [])}
     (args.out / "plan_check.json").write_text(json.dumps({"setup": setup, "rows": rows},
                                                          indent=2))
     text = markdown(rows, setup)

@@ -1,8 +1,8 @@
 """Does an image show what its caption asks for? An automatic checker for the shapes world.
 
-    python -m paraflow.caption_check [--count 96] [--steps 25] [--guidance 5.0] [--seed 0]
-                                     [--size 64] [--out DIR] [--overrides "+strategy=data ..."]
-    python -m paraflow.caption_check --self-test   # the checker on exact renders: its own accuracy
+    python -m paraflow.tools.caption_check [--count 96] [--steps 25] [--guidance 5.0]
+        [--seed 0] [--size 64] [--out DIR] [--overrides "+strategy=data ..."]
+    python -m paraflow.tools.caption_check --self-test   # on exact renders: its own accuracy
 
 `read_scene` reads background, object colour, shape and position back from pixels, written to
 tolerate what a small model draws (lumpy edges, colour shifts, specks, blur); `score` compares
@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from paraflow.shapes import COLOURS, POSITIONS, parse_caption, random_scenes, render_batch
+from paraflow.tools.shapes import COLOURS, POSITIONS, parse_caption, random_scenes, render_batch
 
 ATTRIBUTES = ("background", "colour", "shape", "position")
 WORK_SIDE = 64  # read scenes at this size: the world has no finer detail, and averaging pixels

@@ -1,0 +1,1 @@
+"""The benchmark command's configs: bench.yaml and its presets (preset/)."""

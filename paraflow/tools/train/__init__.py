@@ -1,0 +1,1 @@
+"""Training the embedded default model: `python -m paraflow.tools.train` (see conf/train.yaml)."""

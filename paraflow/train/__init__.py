@@ -1,1 +1,0 @@
-"""Training the embedded default model: `python -m paraflow.train` (see conf/train.yaml)."""
