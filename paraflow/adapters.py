@@ -1,16 +1,28 @@
-"""The one place that knows diffusers' internal names: prompt encoding, micro-conditioning,
-latent scaling and image post-processing for SD 1.x/2.x and SDXL pipelines."""
+"""The one place that knows diffusers' internal names, for SD 1.x/2.x and SDXL pipelines.
+
+Model facts, from loaded (or meta) modules or from a model config without weights: the VAE's and
+the UNet's downsampling, latent channels, text-embedding width, SDXL's added-conditioning widths,
+attention heads, which modules are self-attention. The run: prompt encoding, micro-conditioning,
+a UNet call's arguments and output, latent scaling, image post-processing."""
 
 from __future__ import annotations
 
+import json
 import re
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from diffusers import StableDiffusionXLPipeline
 from diffusers.image_processor import VaeImageProcessor
+from torch import nn
+
+from paraflow.models.pretrained import inspect_folder, looks_like_hub_id
+
+TIME_IDS = 6  # SDXL micro-conditioning: original size, crop offset, target size (2 each)
 
 
 @dataclass
@@ -30,13 +42,130 @@ def is_sdxl(pipe: Any) -> bool:
     return isinstance(pipe, StableDiffusionXLPipeline)
 
 
-def vae_scale_factor(pipe: Any) -> int:
-    return int(2 ** (len(pipe.vae.config.block_out_channels) - 1))
+# --- model facts -------------------------------------------------------------------------------
+# `pipe_or_*`: a pipeline (anything with .unet / .vae) or the module itself, loaded or on meta.
+
+def _unet(pipe_or_unet: Any) -> Any:
+    return getattr(pipe_or_unet, "unet", pipe_or_unet)
 
 
-def uses_guidance(pipe: Any, guidance_scale: float) -> bool:
-    """Classifier-free guidance runs when the scale exceeds 1, as in diffusers."""
-    return guidance_scale > 1.0 and pipe.unet.config.time_cond_proj_dim is None
+def _vae(pipe_or_vae: Any) -> Any:
+    return getattr(pipe_or_vae, "vae", pipe_or_vae)
+
+
+def _downsampling(block_out_channels: Sequence[int]) -> int:
+    """2 per down block but the last, in diffusers' VAEs and UNets alike."""
+    return int(2 ** (len(block_out_channels) - 1))
+
+
+def latent_downsampling(pipe_or_vae: Any) -> int:
+    """Pixels per latent row (and column): the VAE's downsampling."""
+    return _downsampling(_vae(pipe_or_vae).config.block_out_channels)
+
+
+def unet_downsampling(pipe_or_unet: Any) -> int:
+    """Latent rows per row at the UNet's coarsest level."""
+    return _downsampling(_unet(pipe_or_unet).config.block_out_channels)
+
+
+def configured_latent_downsampling(model_cfg: Any) -> int:
+    """latent_downsampling from a model config, no weights loaded: a built-from-config model's
+    `vae`, a pipeline folder's vae/config.json (checking the folder, naming what is missing), or
+    8 for a hub id (every hub SD/SDXL VAE; checked again once loaded)."""
+    if "vae" in model_cfg:
+        return _downsampling(model_cfg.vae.block_out_channels)
+    path = str(model_cfg.path)
+    if looks_like_hub_id(path):
+        return 8
+    _, vae_config = inspect_folder(path)
+    return _downsampling(vae_config.get("block_out_channels", [0] * 4))
+
+
+def configured_downsampling(model_cfg: Any) -> int | None:
+    """unet_downsampling from a model config (no weights), None if the config does not say."""
+    if "unet" in model_cfg:
+        return _downsampling(model_cfg.unet.block_out_channels)
+    path = Path(str(model_cfg.get("path", ""))).expanduser() / "unet" / "config.json"
+    if path.is_file():
+        return _downsampling(json.loads(path.read_text())["block_out_channels"])
+    return None
+
+
+def latent_channels(pipe_or_model: Any) -> int:
+    """Channels of the latent: the UNet's input channels, or a VAE's latent channels."""
+    config = _unet(pipe_or_model).config
+    return int(config.latent_channels if "latent_channels" in config else config.in_channels)
+
+
+def context_width(pipe_or_unet: Any) -> int:
+    """Width of the text embeddings the UNet's cross-attention reads."""
+    return int(_unet(pipe_or_unet).config.cross_attention_dim)
+
+
+def added_condition_widths(pipe_or_unet: Any) -> dict[str, int] | None:
+    """SDXL's added conditioning, name → width per image (`added_cond_kwargs`); None for SD."""
+    config = _unet(pipe_or_unet).config
+    if config.get("addition_embed_type") != "text_time":
+        return None
+    time_width = TIME_IDS * int(config.addition_time_embed_dim)
+    return {"text_embeds": int(config.projection_class_embeddings_input_dim) - time_width,
+            "time_ids": TIME_IDS}
+
+
+def uses_guidance(pipe_or_unet: Any, guidance_scale: float) -> bool:
+    """Classifier-free guidance runs when the scale exceeds 1 (and the UNet is not
+    guidance-distilled), as in diffusers."""
+    return guidance_scale > 1.0 and _unet(pipe_or_unet).config.time_cond_proj_dim is None
+
+
+def replicated_input_convs(unet: Any) -> set[str]:
+    """The convolutions of `unet` whose input every rank holds whole: `conv_in` reads the
+    latent itself (unless the UNet rescales it first), so its halo rows can be sliced from the
+    current latent instead of exchanged or taken from the previous step."""
+    conv_in = getattr(unet, "conv_in", None)
+    if isinstance(conv_in, nn.Conv2d) and not unet.config.get("center_input_sample", False):
+        return {"conv_in"}
+    return set()
+
+
+def vae_decoder(pipe_or_vae: Any) -> nn.Module:
+    """The module `vae.decode` runs after the latent projection (where patch layers go)."""
+    decoder: nn.Module = _vae(pipe_or_vae).decoder
+    return decoder
+
+
+# --- attention ---------------------------------------------------------------------------------
+
+def is_self_attention(module: nn.Module) -> bool:
+    """A diffusers attention module whose keys and values come from its own input."""
+    return (hasattr(module, "set_processor") and hasattr(module, "to_k")
+            and not getattr(module, "is_cross_attention", False))
+
+
+def self_attention_modules(model: nn.Module) -> Iterator[tuple[str, Any]]:
+    """(name, module) of every self-attention module of `model`, in module order."""
+    return ((n, m) for n, m in model.named_modules() if is_self_attention(m))
+
+
+def set_self_attention_processors(model: nn.Module, make: Callable[[str], Any]) -> int:
+    """Give every self-attention module of `model` the processor `make(name)`; cross-attention
+    keeps its own. Returns how many were set."""
+    found = list(self_attention_modules(model))
+    for name, module in found:
+        module.set_processor(make(name))
+    return len(found)
+
+
+def attention_heads(module: nn.Module) -> int | None:
+    """The heads an attention module splits its projections into (None: not an attention)."""
+    heads = getattr(module, "heads", None)
+    return heads if isinstance(heads, int) else None
+
+
+def set_attention_heads(module: Any, heads: int) -> None:
+    """Tell an attention module it has `heads` heads (tensor parallelism: its local share);
+    its processor reads this to reshape queries, keys and values."""
+    module.heads = heads
 
 
 def encode_prompts(
@@ -67,6 +196,40 @@ def encode_prompts(
             {"text_embeds": torch.cat([uncond_pooled, pooled]), "time_ids": time_ids.repeat(2, 1)},
         )
     return Conditioning(cond, {"text_embeds": pooled, "time_ids": time_ids})
+
+
+def _select_batch(value: Any, batch: int, rows: slice) -> Any:
+    if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == batch:
+        return value[rows]
+    if isinstance(value, dict):
+        return {k: _select_batch(v, batch, rows) for k, v in value.items()}
+    return value
+
+
+def split_unet_call(args: tuple[Any, ...], kwargs: dict[str, Any], batch_rows: slice,
+                    band_rows: slice) -> tuple[tuple[Any, ...], dict[str, Any], torch.Tensor]:
+    """A UNet call's arguments for one batch slice and one band of rows; also the full sample."""
+    sample = args[0] if args else kwargs["sample"]
+    batch = sample.shape[0]
+    new_args = tuple(_select_batch(a, batch, batch_rows) for a in args)
+    new_kwargs = {k: _select_batch(v, batch, batch_rows) for k, v in kwargs.items()}
+    band = sample[batch_rows, :, band_rows, :]
+    if args:
+        new_args = (band, *new_args[1:])
+    else:
+        new_kwargs["sample"] = band
+    return new_args, new_kwargs, sample
+
+
+def unet_output_sample(output: Any) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output.sample
+
+
+def with_output_sample(output: Any, sample: torch.Tensor) -> Any:
+    if isinstance(output, tuple):
+        return (sample, *output[1:])
+    output.sample = sample
+    return output
 
 
 def denoiser_forward(

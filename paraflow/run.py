@@ -13,7 +13,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from paraflow import memory
-from paraflow.adapters import unknown_words, vae_scale_factor
+from paraflow.adapters import latent_channels, latent_downsampling, unknown_words
 from paraflow.context import ParallelContext
 from paraflow.graph import StageEnv, StageGraph
 from paraflow.models import load_pipeline
@@ -73,8 +73,8 @@ def run_on_rank(ctx: ParallelContext, cfg: DictConfig) -> dict[str, Any] | None:
     if ctx.is_main:
         warn_unknown_words(pipe.tokenizer, [*prompts, cfg.negative_prompt or ""])
     mine = strategy.assign_images(len(prompts), ctx)
-    factor = vae_scale_factor(pipe)
-    latent_shape = (pipe.unet.config.in_channels, cfg.height // factor, cfg.width // factor)
+    factor = latent_downsampling(pipe)
+    latent_shape = (latent_channels(pipe), cfg.height // factor, cfg.width // factor)
     kept_shape = (int(cfg.steps), *latent_shape) if cfg.save_trajectory else latent_shape
     sink = OutputSink((cfg.height, cfg.width, 3), kept_shape,
                       bool(cfg.save_latents or cfg.save_trajectory))
@@ -106,7 +106,6 @@ def run_on_rank(ctx: ParallelContext, cfg: DictConfig) -> dict[str, Any] | None:
          "param_bytes": parameter_bytes(pipe)})
     if not ctx.is_main:
         return None
-    mesh_layout = getattr(strategy, "mesh_layout", None)  # named dimensions, outermost first
     record = {
         "strategy": strategy.name,
         "world_size": ctx.world_size,
@@ -128,8 +127,8 @@ def run_on_rank(ctx: ParallelContext, cfg: DictConfig) -> dict[str, Any] | None:
         "threads_per_rank": torch.get_num_threads(),
         "device": str(ctx.device),
         "link": ctx.comm.link.label() if ctx.comm.link is not None else "real transport",
-        "strategy_mode": getattr(strategy, "mode", strategy.name),
-        "mesh": mesh_layout(ctx.world_size) if callable(mesh_layout) else None,
+        "strategy_mode": strategy.mode,
+        "mesh": strategy.mesh_layout(ctx.world_size),  # named dimensions, outermost first
         "config": OmegaConf.to_container(cfg, resolve=True),
         "versions": versions(),
     }

@@ -7,9 +7,9 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
+from paraflow.adapters import configured_latent_downsampling
 from paraflow.errors import ParaflowError
 from paraflow.graph import execution_order
-from paraflow.models.pretrained import inspect_folder, looks_like_hub_id
 from paraflow.outputs import check_output_dir
 from paraflow.registry import build_strategy
 
@@ -24,13 +24,7 @@ def prompts_of(cfg: DictConfig) -> list[str]:
 
 def model_factor(model_cfg: DictConfig) -> int:
     """Pixels per latent cell (the VAE's downsampling), read from config, no weights loaded."""
-    if "vae" in model_cfg:
-        return int(2 ** (len(model_cfg.vae.block_out_channels) - 1))
-    path = str(model_cfg.path)
-    if looks_like_hub_id(path):
-        return 8  # every hub SD/SDXL VAE; checked again once loaded
-    _, vae_config = inspect_folder(path)
-    return int(2 ** (len(vae_config.get("block_out_channels", [0] * 4)) - 1))
+    return configured_latent_downsampling(model_cfg)
 
 
 def resolve_accelerator(cfg: DictConfig) -> str:
@@ -76,16 +70,15 @@ def validate(cfg: DictConfig, output_dir: str | Path | None, devices: bool = Tru
                             f"{torch.cuda.device_count()} CUDA device(s); "
                             f"use 1..{torch.cuda.device_count()}")
     strategy = build_strategy(cfg.strategy)
-    check = getattr(strategy, "validate", None)  # optional: a strategy's own pre-launch checks
-    if callable(check):
-        check(cfg)
+    strategy.validate(cfg)  # the strategy's own pre-launch checks
     execution_order(cfg.pipeline.stages)
     world = int(launcher.devices) * int(launcher.num_nodes)
     for name, spec in cfg.pipeline.stages.items():
         parallel = str(getattr(spec.get("parallel", "none"), "value", spec.get("parallel", "none")))
-        if parallel == "patch" and world > 1 and not getattr(strategy, "replicated_latents", False):
+        if parallel == "patch" and world > 1 and not strategy.replicated_latents:
             raise ParaflowError(f"pipeline.stages.{name}.parallel=patch needs every rank to hold "
-                                "the same image: use a patch strategy (+strategy=sync_patch, "
-                                "displaced_patch, distrifusion, naive_patch) or parallel=none")
+                                f"the same image, which strategy {strategy.name} does not: use a "
+                                "patch strategy (+strategy=sync_patch, displaced_patch, "
+                                "distrifusion, naive_patch) or parallel=none")
     if output_dir is not None:
         check_output_dir(output_dir)

@@ -12,12 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from paraflow.adapters import split_unet_call, unet_output_sample, with_output_sample
 from paraflow.comm import Communicator
-from paraflow.strategies.patch.adapter import (
-    split_unet_call,
-    unet_output_sample,
-    with_output_sample,
-)
 
 
 class GuidanceSplit:

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from paraflow.adapters import is_self_attention
 from paraflow.strategies.patch.bands import BandPlan, conv_halo
 
 
@@ -34,11 +35,6 @@ class Pieces:
 
     def exchanged(self, norms: bool = True) -> int:
         return sum(self.conv) + sum(self.attention) + (sum(self.norm) if norms else 0)
-
-
-def _is_self_attention(module: nn.Module) -> bool:
-    return hasattr(module, "to_k") and hasattr(module, "set_processor") and not getattr(
-        module, "is_cross_attention", False)
 
 
 def layer_pieces(model: nn.Module, call: Callable[[], Any], band: BandPlan | None,
@@ -76,7 +72,7 @@ def layer_pieces(model: nn.Module, call: Callable[[], Any], band: BandPlan | Non
             hooks.append(module.register_forward_pre_hook(conv))
         elif isinstance(module, nn.GroupNorm):
             hooks.append(module.register_forward_pre_hook(norm))
-        elif _is_self_attention(module):
+        elif is_self_attention(module):
             hooks.append(module.register_forward_pre_hook(attention, with_kwargs=True))
         if name in names:
             hooks.append(module.register_forward_hook(output))

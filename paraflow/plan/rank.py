@@ -5,24 +5,28 @@ from a replay of the strategy's own code on meta tensors (simulate.py)."""
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
 import torch
 from hydra.utils import get_class
 from omegaconf import DictConfig
 from torch import nn
 
-from paraflow.config import GroupNormMode, StageParallel
+from paraflow.adapters import context_width, latent_channels, replicated_input_convs
+from paraflow.config import StageParallel
+from paraflow.mesh import world_of
 from paraflow.models.skeleton import component_skeleton
 from paraflow.plan.comm import Pieces, all_gather, all_reduce, layer_pieces, padded
 from paraflow.plan.layout import Role
-from paraflow.plan.simulate import Inputs, PlannedComm, install_patch, replay, shard_on_meta
+from paraflow.plan.planned import PlannedComm, planned_context
+from paraflow.plan.simulate import Inputs, install_patch, replay, shard_on_meta
 from paraflow.plan.weights import Policy
 from paraflow.registry import build_strategy
 from paraflow.strategies.guidance import GuidanceSplit
-from paraflow.strategies.patch.adapter import replicated_input_convs
 from paraflow.strategies.patch.bands import BandPlan, band_sizes
 from paraflow.strategies.patch.strategy import PatchParallel
+from paraflow.strategies.schemas import GroupNormMode
 from paraflow.strategies.tensor import TensorStrategy, resolve_plan
 
 
@@ -39,7 +43,7 @@ def patch_decode_wanted(cfg: DictConfig, strategy: Any) -> bool:
     for spec in cfg.pipeline.stages.values():
         if "vae" in getattr(get_class(spec._target_), "components", ()):
             parallel = StageParallel(spec.get("parallel", "none"))
-            shared = getattr(strategy, "replicated_latents", False)
+            shared = strategy.replicated_latents
             return parallel is StageParallel.patch or (parallel is StageParallel.auto and shared)
     return False
 
@@ -50,14 +54,15 @@ class RankWork:
     def __init__(self, cfg: DictConfig, role: Role, inputs: Inputs,
                  policies: dict[str, Policy], unit: int, cpu: bool) -> None:
         self.role, self.inputs, self.unit = role, inputs, unit
-        self.strategy = build_strategy(cfg.strategy)  # fresh: the replay keeps state in it
+        # fresh: the replay keeps state in it; Any: the planner still reads concrete options
+        self.strategy: Any = build_strategy(cfg.strategy)
         self.unet = _skeleton(cfg, "unet", policies)
         self.vae = _skeleton(cfg, "vae", policies)
         self.patch = isinstance(self.strategy, PatchParallel)
         self.decode_over = role.replica if patch_decode_wanted(cfg, self.strategy) else 1
         self.per_step, self.decode, self.stale = [0] * int(cfg.steps), 0, 0
         tensor = isinstance(self.strategy, TensorStrategy) and role.tensor > 1
-        splits = resolve_plan(self.unet, self.strategy.plan) if tensor else []
+        splits = resolve_plan(self.unet, cast(Any, self.strategy).plan) if tensor else []
         reduced = [s.name for s in splits if s.style in ("rowwise", "conv_in")]
         for images, count in Counter(role.chunks).items():
             self._count(self._unet_pieces(images, reduced), images, count)
@@ -68,9 +73,30 @@ class RankWork:
         if isinstance(self.strategy, PatchParallel):
             install_patch(self.strategy, role, self.unet)
         self.peaks = (0, 0)
-        if role.chunks:
+        if role.replayed:
+            self._replay_own_code(cfg, cpu)
+        elif role.chunks:
             self.peaks = replay(self.strategy, role, self.unet, self.vae, inputs,
                                 max(role.chunks), int(cfg.steps), self.decode_over, cpu)
+
+    def _replay_own_code(self, cfg: DictConfig, cpu: bool) -> None:
+        """A strategy the planner does not model: its setup and parallelize on this rank's
+        planned context, then the replay, whose communicator books the bytes of each step."""
+        ctx = planned_context(self.role.rank, world_of(cfg))
+        self.strategy.setup(ctx)
+        self.strategy.parallelize(SimpleNamespace(unet=self.unet, vae=self.vae), ctx)
+        self.per_step = [0] * int(cfg.steps)
+        if not self.role.chunks:
+            return
+        self.peaks = replay(self.strategy, self.role, self.unet, self.vae, self.inputs,
+                            max(self.role.chunks), int(cfg.steps), self.decode_over, cpu, ctx)
+        booked = dict(ctx.comm.bytes_by_step)
+        replayed = sorted(s for s in booked if s is not None)
+        passes = len(self.role.chunks)
+        for step in range(len(self.per_step)):  # a step not replayed repeats the last one before
+            like = max([s for s in replayed if s <= step], default=None)
+            self.per_step[step] = passes * booked.get(like, 0) if like is not None else 0
+        self.decode = passes * booked.get(None, 0)
 
     def _unet_pieces(self, images: int, reduced: list[str]) -> Pieces:
         role, inputs, unet = self.role, self.inputs, self.unet
@@ -80,7 +106,7 @@ class RankWork:
         dtype = next(unet.parameters()).dtype
         sample = torch.empty(batch, channels, role.bands[role.band] if band else rows, width,
                              dtype=dtype, device="meta")
-        embeds = torch.empty(batch, inputs.tokens, unet.config.cross_attention_dim, dtype=dtype,
+        embeds = torch.empty(batch, inputs.tokens, context_width(unet), dtype=dtype,
                              device="meta")
         added = None if inputs.added is None else {
             k: torch.empty(batch, w, dtype=dtype, device="meta") for k, w in inputs.added.items()}
@@ -122,7 +148,7 @@ class RankWork:
         _, rows, width = self.inputs.latent
         sizes = tuple(band_sizes(rows, over))
         me = self.role.replica_rank
-        z = torch.empty(images, vae.config.latent_channels, sizes[me], width,
+        z = torch.empty(images, latent_channels(vae), sizes[me], width,
                         dtype=next(vae.parameters()).dtype, device="meta")
         pieces = layer_pieces(vae, lambda: vae.decode(z, return_dict=False)[0],
                               BandPlan(sizes, me))

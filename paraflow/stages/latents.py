@@ -4,7 +4,7 @@ from typing import Any
 
 import torch
 
-from paraflow.adapters import vae_scale_factor
+from paraflow.adapters import latent_channels, latent_downsampling
 from paraflow.graph import StageEnv
 
 
@@ -16,8 +16,8 @@ class PrepareLatents:
     components = ()
 
     def __call__(self, env: StageEnv, image_ids: list[int]) -> dict[str, Any]:
-        cfg, factor = env.cfg, vae_scale_factor(env.pipe)
-        shape = (1, env.pipe.unet.config.in_channels, cfg.height // factor, cfg.width // factor)
+        cfg, factor = env.cfg, latent_downsampling(env.pipe)
+        shape = (1, latent_channels(env.pipe), cfg.height // factor, cfg.width // factor)
         noise = [torch.randn(shape, generator=torch.Generator("cpu").manual_seed(cfg.seed + i))
                  for i in image_ids]
         return {"initial_latents": torch.cat(noise).to(env.device)}

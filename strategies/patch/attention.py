@@ -19,6 +19,11 @@ from paraflow.strategies.patch.state import PatchState
 
 
 class PatchSelfAttnProcessor:
+    """diffusers' AttnProcessor2_0, step for step, plus the exchange of keys and values; it also
+    passes `attn.scale` to the attention (as diffusers' AttnProcessor does for scale_qk=False).
+    A call with a context (cross-attention) exchanges nothing. A mask must cover the whole
+    image's keys; a mask with one row per query is cut to this band's queries."""
+
     def __init__(self, state: PatchState, key: str) -> None:
         self.state, self.key = state, key
 
@@ -26,8 +31,6 @@ class PatchSelfAttnProcessor:
                  encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,
                  *args: Any, **kwargs: Any) -> torch.Tensor:
-        if encoder_hidden_states is not None or attention_mask is not None:
-            raise ParaflowError(f"{self.key}: patch self-attention got a context or a mask")
         residual = hidden_states
         if attn.spatial_norm is not None:
             hidden_states = attn.spatial_norm(hidden_states, temb)
@@ -35,14 +38,28 @@ class PatchSelfAttnProcessor:
         if input_ndim == 4:
             batch, channel, height, width = hidden_states.shape
             hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
-        batch = hidden_states.shape[0]
+        batch, tokens, _ = hidden_states.shape
+        exchange = encoder_hidden_states is None
+        if attention_mask is not None:
+            keys = (encoder_hidden_states.shape[1] if encoder_hidden_states is not None
+                    else sum(self.state.band.scaled(tokens)))
+            attention_mask = attn.prepare_attention_mask(attention_mask, keys, batch)
+            attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
+            if exchange:
+                attention_mask = self._band_queries(attention_mask, tokens)
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
         query = attn.to_q(hidden_states)
-        kv = torch.cat([attn.to_k(hidden_states), attn.to_v(hidden_states)], dim=-1)
-        key, value = self._whole_image(kv).chunk(2, dim=-1)
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key = attn.to_k(encoder_hidden_states)
+        value = attn.to_v(encoder_hidden_states)
+        if exchange:
+            key, value = self._whole_image(torch.cat([key, value], dim=-1)).chunk(2, dim=-1)
 
-        head_dim = query.shape[-1] // attn.heads
+        head_dim = key.shape[-1] // attn.heads
         query = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
         key = key.reshape(batch, -1, attn.heads, head_dim).transpose(1, 2)
         value = value.reshape(batch, -1, attn.heads, head_dim).transpose(1, 2)
@@ -50,7 +67,8 @@ class PatchSelfAttnProcessor:
             query = attn.norm_q(query)
         if attn.norm_k is not None:
             key = attn.norm_k(key)
-        out = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
+                                             dropout_p=0.0, is_causal=False, scale=attn.scale)
         out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
         out = attn.to_out[1](attn.to_out[0](out))
         if input_ndim == 4:
@@ -58,6 +76,17 @@ class PatchSelfAttnProcessor:
         if attn.residual_connection:
             out = out + residual
         return out / attn.rescale_output_factor
+
+    def _band_queries(self, mask: torch.Tensor, tokens: int) -> torch.Tensor:
+        """(B, heads, queries, keys) → this band's query rows (a one-row mask is kept)."""
+        if mask.shape[2] == 1:
+            return mask
+        counts = self.state.band.scaled(tokens)
+        if mask.shape[2] != sum(counts):
+            raise ParaflowError(f"{self.key}: an attention mask with {mask.shape[2]} query rows "
+                                f"for an image of {sum(counts)} tokens")
+        start = sum(counts[: self.state.band.index])
+        return mask[:, :, start:start + tokens]
 
     def _whole_image(self, kv: torch.Tensor) -> torch.Tensor:
         """(B, band tokens, 2D) → (B, image tokens, 2D): every band's K/V in image order."""

@@ -6,7 +6,7 @@ from collections.abc import Collection
 
 from torch import nn
 
-from paraflow.strategies.patch.adapter import set_self_attention_processors
+from paraflow.adapters import set_self_attention_processors
 from paraflow.strategies.patch.attention import PatchSelfAttnProcessor
 from paraflow.strategies.patch.conv import PatchConv2d
 from paraflow.strategies.patch.groupnorm import PatchGroupNorm

@@ -9,6 +9,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from paraflow.adapters import configured_downsampling, replicated_input_convs, unet_downsampling
 from paraflow.comm import Communicator
 from paraflow.context import ParallelContext
 from paraflow.errors import ParaflowError
@@ -24,12 +25,7 @@ from paraflow.mesh import (
 )
 from paraflow.outputs import OutputSink
 from paraflow.strategies.base import ReplicatedModel
-from paraflow.strategies.patch.adapter import (
-    configured_downsampling,
-    replicated_input_convs,
-    unet_downsampling,
-)
-from paraflow.strategies.patch.bands import check_layout
+from paraflow.strategies.patch.bands import band_sizes, check_layout
 from paraflow.strategies.patch.layers import swap_patch_layers
 from paraflow.strategies.patch.state import GroupNormMode, PatchState
 from paraflow.strategies.patch.unet import Layout as BandLayout
@@ -64,7 +60,7 @@ class PatchParallel(ReplicatedModel):
         self.bucket_bytes = int(bucket_mb * (1 << 20))
         self.state: PatchState | None = None
         self.layout: BandLayout | None = None
-        self.image_comm: Communicator | None = None  # the ranks sharing an image (patch decode)
+        self._image_comm: Communicator | None = None  # the ranks sharing an image
         self.replicas = DataReplicas()
 
     @property
@@ -109,7 +105,7 @@ class PatchParallel(ReplicatedModel):
             groups = batch_groups(replica.world_size, self.cfg_split)
             band_comm = dim_comm(ctx, mesh, "patch")
         self.replicas = DataReplicas.of(ctx, mesh)
-        self.image_comm = replica
+        self._image_comm = replica
         self.state = PatchState(band_comm, displaced=self.displaced,
                                 warmup_steps=self.warmup_steps, frozen=self.frozen,
                                 groupnorm=self.groupnorm, bucket_bytes=self.bucket_bytes)
@@ -122,6 +118,24 @@ class PatchParallel(ReplicatedModel):
         if self.exchange and self.state.comm.world_size > 1:
             swap_patch_layers(pipe.unet, self.state, replicated=replicated_input_convs(pipe.unet))
         PatchUNetHooks(self.state, self.layout).install(pipe.unet)
+
+    def image_comm(self, ctx: ParallelContext) -> Communicator:
+        """A data replica's ranks in hybrid layouts, else all."""
+        return self._image_comm or ctx.comm
+
+    def exact_twin(self, cfg: DictConfig) -> list[str] | None:
+        """sync_patch on the same layout (exact: parity's drift reference)."""
+        return ["+strategy=sync_patch", f"strategy.cfg_split={self.cfg_split}",
+                f"strategy.data_degree={self.data_degree}"]
+
+    def band_rows(self, cfg: DictConfig) -> list[int] | None:
+        """Latent rows of each band of one image, as setup() and the UNet hooks cut them."""
+        world = world_of(cfg)
+        layout = self.mesh_layout(world)
+        bands = (layout["patch"] if layout is not None
+                 else max(len(g) for g in batch_groups(world, self.cfg_split)))
+        unit = configured_downsampling(cfg.model) or 1
+        return band_sizes(int(cfg.height) // model_factor(cfg.model), bands, unit)
 
     def on_step(self, step: int, ctx: ParallelContext) -> None:
         if self.state is not None:

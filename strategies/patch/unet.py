@@ -16,12 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from paraflow.adapters import split_unet_call, unet_output_sample, with_output_sample
 from paraflow.comm import Communicator
-from paraflow.strategies.patch.adapter import (
-    split_unet_call,
-    unet_output_sample,
-    with_output_sample,
-)
 from paraflow.strategies.patch.bands import BandPlan, band_sizes
 from paraflow.strategies.patch.state import PatchState
 

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from paraflow.adapters import vae_decoder
 from paraflow.comm import Communicator
 from paraflow.strategies.patch.bands import BandPlan, band_sizes
 from paraflow.strategies.patch.conv import PatchConv2d
@@ -23,11 +24,12 @@ from paraflow.strategies.patch.state import PatchState
 
 def _decoder_state(vae: Any, comm: Communicator) -> PatchState:
     """The patch state of `vae`'s decoder, swapping its layers the first time."""
-    for module in vae.decoder.modules():
+    decoder = vae_decoder(vae)
+    for module in decoder.modules():
         if isinstance(module, PatchConv2d):
             return module.state
     state = PatchState(comm)
-    swap_patch_layers(vae.decoder, state, prefix="vae.decoder.")
+    swap_patch_layers(decoder, state, prefix="vae.decoder.")
     return state
 
 
