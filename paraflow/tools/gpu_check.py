@@ -1,0 +1,231 @@
+"""The checks that need a GPU, as one command (scripts/gpu_check.sh runs it under a time limit):
+
+    python -m paraflow.tools.gpu_check --out gpu-check            # on a machine with one CUDA GPU
+    python -m paraflow.tools.gpu_check --device cpu --quick       # the same code, tiny, on a CPU
+
+1. parity: one device, fp16 (cpu: fp32) for every stage, paraflow against stock diffusers
+   driven on the same components with the same seed, for the default model and `sdxl_arch`
+   (quick: `tiny_xl_random`); max |Δ| of the final latents and PSNR of the image.
+2. bands: the UNet's compute time on 1, 2, 4 and 8 bands of rows of `sdxl_arch` at 2048²
+   (quick: `tiny_xl_random` at 256²), each band's call against the whole image's / N: the
+   compute ceiling of patch parallelism (no communication, CUDA events, median of 5).
+3. shared: `sync_patch` on 2 ranks sharing the one device over gloo with device tensors, against
+   one device within 1e-4; if gloo refuses device tensors for a collective, which one.
+
+Writes gpu_check.json and gpu_check.md into --out and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from paraflow import metrics
+
+PROMPT = "a red circle on the left, blue background"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def parity(model: str, size: int, steps: int, device: torch.device) -> dict[str, Any]:
+    """paraflow's single-device run against the stock pipeline on the same components."""
+    from paraflow.adapters import is_sdxl
+    from paraflow.api import compose
+    from paraflow.context import ParallelContext
+    from paraflow.models import load_pipeline
+    from paraflow.run import run_on_rank
+    from paraflow.tools.parity import _outputs
+
+    half = "fp16" if device.type == "cuda" else "fp32"
+    cfg = compose([f"model={model}", f"height={size}", f"width={size}", f"steps={steps}",
+                   f"prompt='{PROMPT}'", "seed=3", "save_latents=true", "pipeline.progress=false",
+                   *[f"pipeline.stages.{s}.precision={half}" for s in ("encode", "denoise",
+                                                                         "decode")],
+                   "pipeline.stages.encode.offload=none", "pipeline.stages.decode.offload=none"])
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg.output_dir = str(Path(tmp) / "run")
+        record = run_on_rank(ParallelContext.single(device), cfg)
+        assert record is not None
+        ours_s = float(record["latency_s"])  # generation only, as the stock timing below
+        image, saved = _outputs(record)
+    dtype = torch.float16 if half == "fp16" else torch.float32
+    pipe = load_pipeline(cfg.model, cfg.scheduler).to(device=device, dtype=dtype)
+    kwargs: dict[str, Any] = dict(prompt=PROMPT, height=size, width=size,
+                                  num_inference_steps=steps,
+                                  guidance_scale=float(cfg.guidance_scale))
+    start = time.perf_counter()
+    latents = pipe(**kwargs, generator=torch.Generator().manual_seed(3),
+                   output_type="latent").images.float().cpu()
+    stock_s = time.perf_counter() - start
+    stock = pipe(**kwargs, generator=torch.Generator().manual_seed(3), output_type="np").images[0]
+    stock_image = (stock * 255).round().astype(np.uint8)
+    ours = saved["latents"].float()
+    return {"model": model, "size": size, "steps": steps, "precision": half,
+            "sdxl": is_sdxl(pipe), "max_abs_latents": float((ours - latents).abs().max()),
+            "psnr_image_db": metrics.psnr(image, stock_image, 255.0),
+            "paraflow_s": ours_s, "stock_s": stock_s}
+
+
+def bands(model: str, size: int, device: torch.device, repeats: int = 5) -> list[dict[str, Any]]:
+    """Median time of one UNet call on a band of 1/N of the latent rows, N = 1, 2, 4, 8."""
+    from paraflow.adapters import (
+        added_condition_widths,
+        configured_latent_downsampling,
+        context_width,
+        latent_channels,
+    )
+    from paraflow.api import compose
+    from paraflow.models import load_pipeline
+
+    cfg = compose([f"model={model}"])
+    unet = load_pipeline(cfg.model).unet
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    unet = unet.to(device=device, dtype=dtype).eval()
+    rows = size // configured_latent_downsampling(cfg.model)
+    embeds = torch.randn(2, 77, context_width(unet), device=device, dtype=dtype)
+    widths = added_condition_widths(unet)
+    added = None if widths is None else {
+        k: torch.randn(2, w, device=device, dtype=dtype) for k, w in widths.items()}
+    out = []
+    for n in (1, 2, 4, 8):
+        sample = torch.randn(2, latent_channels(unet), rows // n, rows, device=device,
+                             dtype=dtype)
+        times = []
+        with torch.inference_mode():
+            for _ in range(repeats + 1):  # the first call warms up kernels and allocator
+                _sync(device)
+                start = time.perf_counter()
+                unet(sample, 500, encoder_hidden_states=embeds, added_cond_kwargs=added)
+                _sync(device)
+                times.append(time.perf_counter() - start)
+        out.append({"bands": n, "band_rows": rows // n, "seconds": statistics.median(times[1:])})
+    whole = out[0]["seconds"]
+    for row in out:
+        row["speedup_ceiling"] = whole / row["seconds"]  # if N bands ran at once
+    return out
+
+
+def _shared_rank(rank: int, world: int, port: int, device: str, result: str) -> None:
+    """One of 2 ranks on the same device over gloo: sync_patch, device tensors."""
+    import torch.distributed as dist
+
+    from paraflow.launcher import rank_context
+    from paraflow.run import run_on_rank
+    from paraflow.tools.parity import _outputs
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    report: dict[str, Any] = {}
+    try:
+        cfg = _shared_cfg(world, str(Path(result).parent / "shared"))
+        ctx = rank_context(cfg, rank, world, rank, torch.device(device))
+        record = run_on_rank(ctx, cfg)
+        if record is not None:
+            report["latents"] = _outputs(record)[1]["latents"].tolist()
+    except Exception as err:  # noqa: BLE001 - the report says which collective gloo refused
+        report["error"] = f"{type(err).__name__}: {err}".splitlines()[0]
+        report["where"] = traceback.format_exc().splitlines()[-3:]
+    finally:
+        dist.destroy_process_group()
+    if rank == 0:
+        Path(result).write_text(json.dumps(report))
+
+
+def _shared_cfg(world: int, output_dir: str) -> Any:
+    from paraflow.api import compose
+
+    cfg = compose(["model=tiny_random", "height=64", "width=64", "steps=3", "save_latents=true",
+                   "pipeline.progress=false", f"launcher.devices={world}",
+                   "+strategy=sync_patch"] if world > 1 else
+                  ["model=tiny_random", "height=64", "width=64", "steps=3", "save_latents=true",
+                   "pipeline.progress=false"])
+    cfg.output_dir = output_dir
+    return cfg
+
+
+def shared(device: torch.device) -> dict[str, Any]:
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from paraflow.context import ParallelContext
+    from paraflow.run import run_on_rank
+    from paraflow.tools.parity import _outputs
+
+    with tempfile.TemporaryDirectory() as tmp:
+        single = run_on_rank(ParallelContext.single(device), _shared_cfg(1, f"{tmp}/single"))
+        assert single is not None
+        reference = _outputs(single)[1]["latents"]
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        result = Path(tmp) / "shared.json"
+        mp.start_processes(_shared_rank, args=(2, port, str(device), str(result)), nprocs=2,
+                           join=True, start_method="spawn")
+        report = json.loads(result.read_text())
+    if "error" in report:
+        return {"ok": False, **report}
+    diff = float((torch.tensor(report["latents"]) - reference).abs().max())
+    return {"ok": diff <= 1e-4, "max_abs_latents": diff}
+
+
+def markdown(results: dict[str, Any]) -> str:
+    lines = [f"# GPU check on {results['device_name']}", "",
+             "| parity | size | precision | max abs Δ latents | PSNR image dB | paraflow s | "
+             "stock s |", "|---|---|---|---|---|---|---|"]
+    for p in results["parity"]:
+        lines.append(f"| {p['model']} | {p['size']}² | {p['precision']} | "
+                     f"{p['max_abs_latents']:.2e} | {p['psnr_image_db']:.1f} | "
+                     f"{p['paraflow_s']:.2f} | {p['stock_s']:.2f} |")
+    lines += ["", f"UNet per band, {results['bands_model']} at {results['bands_size']}²:", "",
+              "| bands | band rows | seconds per call | ceiling (whole / band) |",
+              "|---|---|---|---|"]
+    lines += [f"| {b['bands']} | {b['band_rows']} | {b['seconds']:.4f} | "
+              f"{b['speedup_ceiling']:.2f}× |" for b in results["bands"]]
+    lines += ["", f"2 ranks sharing the device over gloo (sync_patch): {results['shared']}"]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--quick", action="store_true", help="tiny models and sizes")
+    parser.add_argument("--out", type=Path, default=Path("gpu-check"))
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda but no CUDA device is visible")
+    cases = ([("tiny", 64, 4), ("tiny_xl_random", 64, 3)] if args.quick
+             else [("tiny", 256, 20), ("sdxl_arch", 1024, 20)])
+    band_model, band_size = ("tiny_xl_random", 256) if args.quick else ("sdxl_arch", 2048)
+    results: dict[str, Any] = {
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
+        "torch": torch.__version__, "parity": [], "bands_model": band_model,
+        "bands_size": band_size}
+    for model, size, steps in cases:
+        results["parity"].append(parity(model, size, steps, device))
+        print(results["parity"][-1], flush=True)
+    results["bands"] = bands(band_model, band_size, device)
+    print(results["bands"], flush=True)
+    results["shared"] = shared(device)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "gpu_check.json").write_text(json.dumps(results, indent=2))
+    (args.out / "gpu_check.md").write_text(markdown(results))
+    print(markdown(results))
+
+
+if __name__ == "__main__":
+    main()

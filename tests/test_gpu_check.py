@@ -1,0 +1,24 @@
+"""The GPU check tool's own code, run tiny on the CPU (on a GPU machine: scripts/gpu_check.sh).
+On one CPU device paraflow and stock diffusers run the same operations: latents equal (1e-5);
+2 gloo ranks sharing the device give sync_patch's exact result (1e-4)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from paraflow.tools.gpu_check import main
+
+pytestmark = pytest.mark.slow
+
+
+def test_gpu_check_quick_on_cpu(tmp_path: Path) -> None:
+    main(["--device", "cpu", "--quick", "--out", str(tmp_path)])
+    results = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert [p["model"] for p in results["parity"]] == ["tiny", "tiny_xl_random"]
+    assert all(p["max_abs_latents"] <= 1e-5 for p in results["parity"])
+    assert [b["bands"] for b in results["bands"]] == [1, 2, 4, 8]
+    assert results["shared"]["ok"] and results["shared"]["max_abs_latents"] <= 1e-4
+    assert "GPU check on CPU" in (tmp_path / "gpu_check.md").read_text()
