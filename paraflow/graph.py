@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 from hydra.utils import get_class
 
-from paraflow.errors import ParaflowError
+from paraflow.errors import ParaflowError, set_stage
 from paraflow.policy import applied_policy
 
 if TYPE_CHECKING:
@@ -104,6 +104,7 @@ class StageGraph:
             inputs = {k: values[k] for k in node.spec.inputs}
             start = time.perf_counter()
             env.spec = node.spec
+            set_stage(node.name)  # what a failure of this rank reports (paraflow/errors.py)
             with applied_policy(node.spec, modules, env.ctx.device) as (env.device, env.dtype):
                 outputs = node.stage(env, **inputs)
                 if env.device.type == "cuda":

@@ -2,19 +2,27 @@
 
 Ranks on one machine are *spawned* (a worker function in a fresh interpreter), never started by
 re-running the command line: re-execution pairs ranks wrongly under a Hydra `-m` sweep and would
-re-run pytest under a test. Under torchrun or SLURM the ranks already exist and Fabric joins them.
+re-run pytest under a test. Under torchrun or SLURM the ranks already exist and Fabric joins them;
+they take rank 0's `output_dir` and every rank gets rank 0's result.
 A rank that raises makes torch.multiprocessing stop the others; a collective that waits past
-`launcher.timeout_s` raises, so a lost rank cannot hang the run.
+`launcher.timeout_s` raises, so a lost rank cannot hang the run. With `explain=True` (the API and
+the CLI) a failure comes out as one RankFailed line: which rank, why (its exception, its exit
+code, the signal that killed it) and where it was, read from the state each rank leaves behind
+(paraflow/errors.py), since a rank killed from outside cannot say so itself.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import pickle
+import re
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable
+import traceback
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from functools import partial
 from pathlib import Path
@@ -30,6 +38,18 @@ from omegaconf import DictConfig, OmegaConf
 from paraflow.comm import Communicator, LinkModel
 from paraflow.config import plain_dict
 from paraflow.context import ParallelContext
+from paraflow.errors import (
+    STATE_DIR_ENV,
+    RankFailed,
+    one_line_cause,
+    read_rank_state,
+    record_failure,
+    set_stage,
+    stop_tracking,
+    track_rank,
+    tracked_rank,
+    where_now,
+)
 from paraflow.mesh import build_mesh, layout_of
 from paraflow.validate import resolve_accelerator
 
@@ -38,8 +58,12 @@ Worker = Callable[[ParallelContext, DictConfig], T]
 
 
 def processes_created_externally() -> bool:
-    """True under torchrun (TorchElastic) or a multi-task SLURM job."""
-    return "TORCHELASTIC_RUN_ID" in os.environ or int(os.environ.get("SLURM_NTASKS", "1")) > 1
+    """True under torchrun (TorchElastic) or a multi-task SLURM job, as Fabric detects them (a
+    SLURM job named 'bash' or 'interactive' is not one: Fabric leaves those to other launchers)."""
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        return True
+    return int(os.environ.get("SLURM_NTASKS", "1")) > 1 and \
+        os.environ.get("SLURM_JOB_NAME") not in ("bash", "interactive")
 
 
 def threads_for_rank(cfg: DictConfig) -> int:
@@ -68,14 +92,31 @@ def rank_context(cfg: DictConfig, rank: int, world_size: int, local_rank: int,
     return ParallelContext(rank, world_size, local_rank, device, comm, mesh)
 
 
-def _on_rank(fabric: Fabric, worker: Worker[T], cfg_dict: dict[str, Any]) -> T:
-    cfg = OmegaConf.create(cfg_dict)
+def _from_rank_0(obj: Any) -> Any:
+    """Rank 0's `obj` on every rank (a collective)."""
+    box = [obj if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _on_rank(fabric: Fabric, worker: Worker[T], cfg_dict: dict[str, Any],
+             state_dir: str | None = None, quiet: bool = False) -> T:
+    track_rank(fabric.global_rank, state_dir)
     previous_threads = torch.get_num_threads()
-    torch.set_num_threads(threads_for_rank(cfg))
+    joined = fabric.world_size > 1 and processes_created_externally()
     try:
+        if joined and "output_dir" in cfg_dict:
+            # Every rank ran Hydra itself, each with its own run folder: rank 0's is the run's.
+            cfg_dict = {**cfg_dict, "output_dir": _from_rank_0(cfg_dict["output_dir"])}
+        cfg = OmegaConf.create(cfg_dict)
+        torch.set_num_threads(threads_for_rank(cfg))
         ctx = rank_context(cfg, fabric.global_rank, fabric.world_size, fabric.local_rank,
                            fabric.device)
+        set_stage("before denoise")  # model loading, prompt encoding (the denoise stage says more)
         result = worker(ctx, cfg)
+        set_stage("after the run")
+        if joined:
+            result = _from_rank_0(result)  # nobody else returns it to these ranks
         if fabric.world_size > 1:
             # Leave together: a rank that tears down its groups while a peer's transport threads
             # still talk to it can abort the peer at exit ("terminate called without an active
@@ -83,45 +124,196 @@ def _on_rank(fabric: Fabric, worker: Worker[T], cfg_dict: dict[str, Any]) -> T:
             dist.barrier()
         return result
     except BaseException as err:
-        # Each failing rank says why: the launcher may report a peer's "connection closed"
-        # first, which hides the cause.
-        print(f"paraflow: rank {fabric.global_rank} failed: {type(err).__name__}: {err}",
-              file=sys.stderr, flush=True)
+        if isinstance(err, Exception):  # an exit (SystemExit) is reported by its exit code
+            record_failure(err)  # for the launcher's one-line report
+        if not quiet:
+            # Each failing rank says why: the launcher may report a peer's "connection closed"
+            # first, which hides the cause.
+            print(f"paraflow: rank {fabric.global_rank} failed: {type(err).__name__}: {err}",
+                  file=sys.stderr, flush=True)
         raise
     finally:
+        stop_tracking()
         torch.set_num_threads(previous_threads)
         if fabric.world_size > 1 and dist.is_initialized():
             dist.destroy_process_group()
 
 
-def launch(cfg: DictConfig, worker: Worker[T]) -> T:
-    """Run `worker(ctx, cfg)` on every rank; return rank 0's result."""
+def launch(cfg: DictConfig, worker: Worker[T], explain: bool = False) -> T:
+    """Run `worker(ctx, cfg)` on every rank; return rank 0's result (on every rank under torchrun
+    or SLURM). `explain=True`: a failed rank raises RankFailed, one line a user can read (see
+    the module's docstring); otherwise each failing rank prints its error and the launch raises
+    what torch.multiprocessing raises (ProcessRaisedException, ProcessExitedException)."""
     accelerator = resolve_accelerator(cfg)
     devices, num_nodes = int(cfg.launcher.devices), int(cfg.launcher.num_nodes)
-    if devices * num_nodes > 1 and _IS_INTERACTIVE and not processes_created_externally():
-        return _launch_from_a_script(cfg, worker)
+    external = processes_created_externally()
+    if devices * num_nodes > 1 and _IS_INTERACTIVE and not external:
+        return _launch_from_a_script(cfg, worker, explain)
     strategy: Any = "auto"
     if devices * num_nodes > 1:
         strategy = DDPStrategy(
-            start_method="popen" if processes_created_externally() else "spawn",
+            start_method="popen" if external else "spawn",
             process_group_backend="nccl" if accelerator == "cuda" else "gloo",
             timeout=timedelta(seconds=float(cfg.launcher.timeout_s)),
         )
     fabric = Fabric(accelerator=accelerator, devices=devices, num_nodes=num_nodes,
                     strategy=strategy)
     cfg_dict = plain_dict(cfg)
-    return fabric.launch(partial(_on_rank, worker=worker, cfg_dict=cfg_dict))
+    if not explain or devices * num_nodes == 1:
+        return fabric.launch(partial(_on_rank, worker=worker, cfg_dict=cfg_dict))
+    from torch.multiprocessing.spawn import ProcessException
+
+    # torch logs "Terminating process N via signal SIGTERM" for each peer it stops after a
+    # failure; the RankFailed line says what happened.
+    spawn_log = logging.getLogger("torch.multiprocessing.spawn")
+    with _state_folder(external) as state_dir, _log_level(spawn_log, logging.ERROR):
+        try:
+            return fabric.launch(partial(_on_rank, worker=worker, cfg_dict=cfg_dict,
+                                         state_dir=state_dir, quiet=True))
+        except ProcessException as err:  # a spawned rank failed; all of them are gone now
+            codes = _exit_codes(err)
+            # Let go of the launch's locals (Fabric's result queue), or its semaphores outlive
+            # the run and multiprocessing warns of "leaked semaphore objects" at exit.
+            traceback.clear_frames(err.__traceback__)
+            message, rank = explain_spawned_failure(err, state_dir, devices * num_nodes, codes)
+            raise RankFailed(message, rank) from err
+        except Exception as err:
+            if not external:
+                raise
+            tracked = tracked_rank()
+            rank = fabric.global_rank if tracked is None else tracked
+            raise RankFailed(_this_rank_failed(rank, where_now(), one_line_cause(err)),
+                             rank) from err
 
 
-def _launch_from_a_script(cfg: DictConfig, worker: Worker[T]) -> T:
+@contextlib.contextmanager
+def _log_level(logger: logging.Logger, level: int) -> Iterator[None]:
+    previous = logger.level
+    logger.setLevel(level)
+    try:
+        yield
+    finally:
+        logger.setLevel(previous)
+
+
+@contextlib.contextmanager
+def _state_folder(external: bool) -> Iterator[str | None]:
+    """Where the ranks leave their state: $PARAFLOW_STATE_DIR if set (kept), else a temporary
+    folder for spawned ranks (removed after); ranks started by torchrun or SLURM report their
+    own failures from memory and need none."""
+    chosen = os.environ.get(STATE_DIR_ENV)
+    if chosen:
+        Path(chosen).mkdir(parents=True, exist_ok=True)
+        yield chosen
+    elif external:
+        yield None
+    else:
+        with tempfile.TemporaryDirectory(prefix="paraflow-ranks-") as tmp:
+            yield tmp
+
+
+# Errors a rank raises because ANOTHER rank is gone or stalled: the other rank is the cause.
+_PEER_LOST = ("connection closed", "connection reset", "broken pipe", "timed out", "timeout",
+              "disterror", "distbackenderror", "distnetworkerror", "diststoreerror",
+              "gloo", "nccl")
+
+
+def _about_a_peer(cause: str) -> bool:
+    return any(word in cause.lower() for word in _PEER_LOST)
+
+
+def _this_rank_failed(rank: int, where: str, cause: str) -> str:
+    if _about_a_peer(cause):
+        # "[.../gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:60545.
+        # This is typically caused by ..." -> its first sentence, without the source location.
+        cause = re.sub(r"\[[^\]]*\.(?:cc|cpp|h|hpp):\d+\]\s*", "", cause)
+        cause = re.split(r"(?<=\.)\s+(?=[A-Z])", cause)[0]
+        return f"rank {rank} stopped {where}: another rank is gone or stalled ({cause})"
+    return f"rank {rank} failed {where}: {cause}"
+
+
+def _exit_codes(err: BaseException) -> dict[int, tuple[int, int | None]]:
+    """Every spawned process's (pid, exit code) by spawn index, from the ProcessContext whose
+    join raised `err` (in its traceback: torch.multiprocessing keeps them nowhere else)."""
+    from torch.multiprocessing.spawn import ProcessContext
+
+    tb = err.__traceback__
+    while tb is not None:
+        context = tb.tb_frame.f_locals.get("self")
+        if isinstance(context, ProcessContext):
+            return {i: (int(proc.pid), proc.exitcode)
+                    for i, proc in enumerate(context.processes)}
+        tb = tb.tb_next
+    return {}
+
+
+def _signal_name(exit_code: int) -> str:
+    import signal
+
+    try:
+        return signal.Signals(-exit_code).name
+    except ValueError:
+        return f"signal {-exit_code}"
+
+
+def explain_spawned_failure(err: Exception, state_dir: str | None, world: int,
+                            exit_codes: dict[int, tuple[int, int | None]] | None = None,
+                            ) -> tuple[str, int]:
+    """The one line for a failed spawned launch, and the rank it names. torch.multiprocessing
+    reports the first rank to exit non-zero; when that rank only lost a peer (its error is about
+    the transport, or the transport aborted it) the rank that caused it is named instead: one
+    that raised an error of its own, else one that died by a signal (not the SIGTERM the launch
+    sends the survivors) or exited with a code of its own. `exit_codes`: spawn index -> (pid,
+    exit code) of every rank, when known."""
+    states = {r: read_rank_state(state_dir, r) for r in range(world)} if state_dir else {}
+    rank_of_pid = {s.get("pid"): r for r, s in states.items()}
+    pid, index = getattr(err, "error_pid", None), int(getattr(err, "error_index", 0))
+    rank = rank_of_pid.get(pid, index)
+    signal_name = getattr(err, "signal_name", None)
+    exit_code = getattr(err, "exit_code", None)
+    own = states.get(rank, {})
+    secondary = (exit_code is None and _about_a_peer(str(own.get("error", "")))) or \
+        signal_name == "SIGABRT"  # a C++ abort in the transport, after a peer went away
+    if secondary:
+        raised = [r for r, s in sorted(states.items())
+                  if r != rank and s.get("error") and not _about_a_peer(str(s["error"]))]
+        died = sorted((rank_of_pid.get(p, i), code) for i, (p, code) in (exit_codes or {}).items()
+                      if code not in (None, 0, 1, -15) and not states.get(
+                          rank_of_pid.get(p, i), {}).get("error"))
+        if raised:
+            rank, own = raised[0], states[raised[0]]
+            exit_code = signal_name = None
+        elif died and died[0][0] != rank:
+            rank, code = died[0]
+            own = states.get(rank, {})
+            exit_code = code
+            signal_name = _signal_name(code) if code is not None and code < 0 else None
+    where = str(own.get("where", "during start-up"))
+    if own.get("error") or exit_code is None:
+        cause = str(own.get("error") or _last_line(str(getattr(err, "msg", err))))
+        return _this_rank_failed(rank, where, cause), rank
+    if signal_name:
+        return f"rank {rank} was killed by {signal_name} {where}", rank
+    return f"rank {rank} exited with code {exit_code} {where}", rank
+
+
+def _last_line(traceback_text: str) -> str:
+    lines = [line for line in traceback_text.strip().splitlines() if line.strip()]
+    return lines[-1].strip() if lines else "an error"
+
+
+def _launch_from_a_script(cfg: DictConfig, worker: Worker[T], explain: bool = False) -> T:
     """Fabric will not spawn ranks from an interactive interpreter (a notebook, a REPL), so there
     the launch runs in a child `python -m paraflow.launcher`, and its result comes back pickled."""
     with tempfile.TemporaryDirectory(prefix="paraflow-launch-") as tmp:
         job, result = Path(tmp) / "job.pkl", Path(tmp) / "result.pkl"
-        job.write_bytes(pickle.dumps((plain_dict(cfg), worker)))
+        job.write_bytes(pickle.dumps((plain_dict(cfg), worker, explain)))
         proc = subprocess.run([sys.executable, "-m", "paraflow.launcher", str(job), str(result)],
                               capture_output=True, text=True)
         if proc.returncode != 0:
+            if result.exists():  # the child's RankFailed: (message, rank)
+                message, rank = pickle.loads(result.read_bytes())
+                raise RankFailed(message, rank)
             raise RuntimeError(f"the ranks failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
         return cast(T, pickle.loads(result.read_bytes()))
 
@@ -129,6 +321,10 @@ def _launch_from_a_script(cfg: DictConfig, worker: Worker[T]) -> T:
 if __name__ == "__main__":  # the child of _launch_from_a_script
     from paraflow import launcher as _module  # by its importable name, for the spawned ranks
 
-    _cfg_dict, _worker = pickle.loads(Path(sys.argv[1]).read_bytes())
-    _result = _module.launch(OmegaConf.create(_cfg_dict), _worker)
+    _cfg_dict, _worker, _explain = pickle.loads(Path(sys.argv[1]).read_bytes())
+    try:
+        _result = _module.launch(OmegaConf.create(_cfg_dict), _worker, _explain)
+    except RankFailed as _failed:
+        Path(sys.argv[2]).write_bytes(pickle.dumps((str(_failed), _failed.rank)))
+        sys.exit(1)
     Path(sys.argv[2]).write_bytes(pickle.dumps(_result))

@@ -90,9 +90,19 @@ def test_cli_prints_the_plan_and_launches_nothing(tmp_path: Path) -> None:
                       "launcher.devices=2", f"hydra.run.dir={run_dir}"])
     assert result.returncode == 0, result.stderr
     assert "| rank | role |" in result.stdout and "band 1/2" in result.stdout
-    plan = json.loads(result.stdout.strip().splitlines()[-1])
+    assert "{" not in result.stdout  # the table and where the files are; the JSON is a file
+    assert str(run_dir / "plan.json") in result.stdout.strip().splitlines()[-1]
+    plan = json.loads((run_dir / "plan.json").read_text())
     assert [r["rank"] for r in plan["ranks"]] == [0, 1]
-    assert not run_dir.exists()  # nothing written
+    assert "| rank | role |" in (run_dir / "plan.md").read_text()
+    # nothing launched: no images, no run record
+    assert {p.name for p in run_dir.iterdir()} == {".hydra", "plan.json", "plan.md"}
+    out = tmp_path / "out"  # output_dir set: the files go there, Hydra's folder goes away
+    result = run_cli(["plan_only=true", "model=tiny_random", f"output_dir={out}",
+                      f"hydra.run.dir={tmp_path / 'hydra2'}"])
+    assert result.returncode == 0, result.stderr
+    assert {p.name for p in out.iterdir()} == {"plan.json", "plan.md"}
+    assert not (tmp_path / "hydra2").exists()
 
 
 def test_cli_refuses_what_a_run_refuses(tmp_path: Path) -> None:

@@ -65,3 +65,16 @@ def conv_in_after_warmup(ctx: ParallelContext, cfg: DictConfig) -> list[dict[str
                            "stale_distance": float(stale.abs().max())})
             previous = sample
     return report
+
+
+def exit_on_rank_1(ctx: ParallelContext, cfg: DictConfig) -> int:
+    """Rank 1 leaves with exit code 3 (no exception) in the middle of 'denoise step 2 of 5'."""
+    import os
+
+    from paraflow.errors import set_stage
+
+    set_stage("denoise", 2, 5)
+    if ctx.rank == 1:
+        os._exit(3)
+    ctx.comm.all_reduce(torch.ones(4))
+    return ctx.rank

@@ -7,17 +7,27 @@ import torch
 from tqdm.auto import tqdm
 
 from paraflow.adapters import Conditioning, denoiser_forward, uses_guidance
-from paraflow.errors import ParaflowError
+from paraflow.errors import ParaflowError, set_stage
 from paraflow.graph import StageEnv
 
+# The finiteness of the latents is recorded on the device every step (no host sync, so a GPU's
+# stream and a strategy's asynchronous exchange are not stalled) and read on the host every
+# CHECK_EVERY steps and after the last one.
+CHECK_EVERY = 10
 
-def check_finite(latents: torch.Tensor, step: int, env: StageEnv) -> None:
-    """Fail with the step and the mode instead of writing a black image."""
-    if not bool(torch.isfinite(latents).all()):
-        mode = getattr(env.strategy, "mode", env.strategy.name)
-        raise ParaflowError(f"NaN/inf in the latents after denoising step {step} of "
-                            f"{env.cfg.steps} (strategy {mode}, {env.cfg.height}x{env.cfg.width},"
-                            f" {env.ctx.world_size} rank(s)); nothing was written")
+
+def check_finite(finite: torch.Tensor, start: int, stop: int, env: StageEnv) -> None:
+    """`finite[i]`: whether the latents after step i were finite. Read steps start..stop-1 (one
+    host sync) and fail naming the first bad step and the mode, instead of writing a black
+    image."""
+    window = finite[start:stop]
+    if bool(window.all()):
+        return
+    first = start + int((~window).nonzero()[0, 0])
+    mode = env.strategy.mode
+    raise ParaflowError(f"NaN/inf in the latents after denoising step {first + 1} of "
+                        f"{env.cfg.steps} (strategy {mode}, {env.cfg.height}x{env.cfg.width},"
+                        f" {env.ctx.world_size} rank(s)); nothing was written")
 
 
 class Denoise:
@@ -27,16 +37,21 @@ class Denoise:
 
     def __call__(self, env: StageEnv, initial_latents: torch.Tensor,
                  conditioning: Conditioning) -> dict[str, Any]:
+        set_stage("denoise")
         cfg, comm = env.cfg, env.ctx.comm
         unet = env.pipe.unet
         scheduler = copy.deepcopy(env.pipe.scheduler)  # it keeps per-run state (step index)
         scheduler.set_timesteps(cfg.steps, device=env.device)
         guidance = uses_guidance(env.pipe, cfg.guidance_scale)
         cond = conditioning.to(env.device, env.dtype)
-        latents = initial_latents.float() * scheduler.init_noise_sigma
+        latents = initial_latents.to(env.device).float() * scheduler.init_noise_sigma
         show = cfg.pipeline.progress and env.ctx.is_main
         trajectory = []
+        steps = len(scheduler.timesteps)
+        finite = torch.ones(steps, dtype=torch.bool, device=latents.device)
+        checked = 0  # steps before this one have been read on the host
         for step, t in enumerate(tqdm(scheduler.timesteps, disable=not show, desc="denoise")):
+            set_stage("denoise", step + 1, steps)  # for a failure report, if this rank dies
             comm.step = step
             env.strategy.on_step(step, env.ctx)
             model_input = torch.cat([latents] * 2) if guidance else latents
@@ -46,12 +61,15 @@ class Denoise:
                 uncond, text = noise.chunk(2)
                 noise = uncond + cfg.guidance_scale * (text - uncond)
             latents = scheduler.step(noise, t, latents, return_dict=False)[0]
-            check_finite(latents, step, env)
+            finite[step] = torch.isfinite(latents).all()  # on the device, no sync
+            if step + 1 - checked >= CHECK_EVERY:
+                check_finite(finite, checked, step + 1, env)
+                checked = step + 1
             if cfg.save_trajectory:
                 trajectory.append(latents.cpu())
+        check_finite(finite, checked, steps, env)
+        set_stage("after denoise")
         comm.step = None
-        finish = getattr(env.strategy, "on_denoise_end", None)  # optional: free per-run buffers
-        if callable(finish):
-            finish(env.ctx)
+        env.strategy.on_denoise_end(env.ctx)  # e.g. free per-run buffers before decode
         env.trajectory = torch.stack(trajectory, dim=1) if trajectory else None
         return {"latents": latents}
