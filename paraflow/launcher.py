@@ -17,7 +17,6 @@ import contextlib
 import logging
 import os
 import pickle
-import re
 import subprocess
 import sys
 import tempfile
@@ -42,7 +41,6 @@ from paraflow.errors import (
     STATE_DIR_ENV,
     RankFailed,
     one_line_cause,
-    read_rank_state,
     record_failure,
     set_stage,
     stop_tracking,
@@ -50,6 +48,7 @@ from paraflow.errors import (
     tracked_rank,
     where_now,
 )
+from paraflow.failures import exit_codes_of, explain_spawned_failure, this_rank_failed
 from paraflow.mesh import build_mesh, layout_of
 from paraflow.validate import resolve_accelerator
 
@@ -171,7 +170,7 @@ def launch(cfg: DictConfig, worker: Worker[T], explain: bool = False) -> T:
             return fabric.launch(partial(_on_rank, worker=worker, cfg_dict=cfg_dict,
                                          state_dir=state_dir, quiet=True))
         except ProcessException as err:  # a spawned rank failed; all of them are gone now
-            codes = _exit_codes(err)
+            codes = exit_codes_of(err)
             # Let go of the launch's locals (Fabric's result queue), or its semaphores outlive
             # the run and multiprocessing warns of "leaked semaphore objects" at exit.
             traceback.clear_frames(err.__traceback__)
@@ -182,7 +181,7 @@ def launch(cfg: DictConfig, worker: Worker[T], explain: bool = False) -> T:
                 raise
             tracked = tracked_rank()
             rank = fabric.global_rank if tracked is None else tracked
-            raise RankFailed(_this_rank_failed(rank, where_now(), one_line_cause(err)),
+            raise RankFailed(this_rank_failed(rank, where_now(), one_line_cause(err)),
                              rank) from err
 
 
@@ -210,96 +209,6 @@ def _state_folder(external: bool) -> Iterator[str | None]:
     else:
         with tempfile.TemporaryDirectory(prefix="paraflow-ranks-") as tmp:
             yield tmp
-
-
-# Errors a rank raises because ANOTHER rank is gone or stalled: the other rank is the cause.
-_PEER_LOST = ("connection closed", "connection reset", "broken pipe", "timed out", "timeout",
-              "disterror", "distbackenderror", "distnetworkerror", "diststoreerror",
-              "gloo", "nccl")
-
-
-def _about_a_peer(cause: str) -> bool:
-    return any(word in cause.lower() for word in _PEER_LOST)
-
-
-def _this_rank_failed(rank: int, where: str, cause: str) -> str:
-    if _about_a_peer(cause):
-        # "[.../gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:60545.
-        # This is typically caused by ..." -> its first sentence, without the source location.
-        cause = re.sub(r"\[[^\]]*\.(?:cc|cpp|h|hpp):\d+\]\s*", "", cause)
-        cause = re.split(r"(?<=\.)\s+(?=[A-Z])", cause)[0]
-        return f"rank {rank} stopped {where}: another rank is gone or stalled ({cause})"
-    return f"rank {rank} failed {where}: {cause}"
-
-
-def _exit_codes(err: BaseException) -> dict[int, tuple[int, int | None]]:
-    """Every spawned process's (pid, exit code) by spawn index, from the ProcessContext whose
-    join raised `err` (in its traceback: torch.multiprocessing keeps them nowhere else)."""
-    from torch.multiprocessing.spawn import ProcessContext
-
-    tb = err.__traceback__
-    while tb is not None:
-        context = tb.tb_frame.f_locals.get("self")
-        if isinstance(context, ProcessContext):
-            return {i: (int(proc.pid), proc.exitcode)
-                    for i, proc in enumerate(context.processes)}
-        tb = tb.tb_next
-    return {}
-
-
-def _signal_name(exit_code: int) -> str:
-    import signal
-
-    try:
-        return signal.Signals(-exit_code).name
-    except ValueError:
-        return f"signal {-exit_code}"
-
-
-def explain_spawned_failure(err: Exception, state_dir: str | None, world: int,
-                            exit_codes: dict[int, tuple[int, int | None]] | None = None,
-                            ) -> tuple[str, int]:
-    """The one line for a failed spawned launch, and the rank it names. torch.multiprocessing
-    reports the first rank to exit non-zero; when that rank only lost a peer (its error is about
-    the transport, or the transport aborted it) the rank that caused it is named instead: one
-    that raised an error of its own, else one that died by a signal (not the SIGTERM the launch
-    sends the survivors) or exited with a code of its own. `exit_codes`: spawn index -> (pid,
-    exit code) of every rank, when known."""
-    states = {r: read_rank_state(state_dir, r) for r in range(world)} if state_dir else {}
-    rank_of_pid = {s.get("pid"): r for r, s in states.items()}
-    pid, index = getattr(err, "error_pid", None), int(getattr(err, "error_index", 0))
-    rank = rank_of_pid.get(pid, index)
-    signal_name = getattr(err, "signal_name", None)
-    exit_code = getattr(err, "exit_code", None)
-    own = states.get(rank, {})
-    secondary = (exit_code is None and _about_a_peer(str(own.get("error", "")))) or \
-        signal_name == "SIGABRT"  # a C++ abort in the transport, after a peer went away
-    if secondary:
-        raised = [r for r, s in sorted(states.items())
-                  if r != rank and s.get("error") and not _about_a_peer(str(s["error"]))]
-        died = sorted((rank_of_pid.get(p, i), code) for i, (p, code) in (exit_codes or {}).items()
-                      if code not in (None, 0, 1, -15) and not states.get(
-                          rank_of_pid.get(p, i), {}).get("error"))
-        if raised:
-            rank, own = raised[0], states[raised[0]]
-            exit_code = signal_name = None
-        elif died and died[0][0] != rank:
-            rank, code = died[0]
-            own = states.get(rank, {})
-            exit_code = code
-            signal_name = _signal_name(code) if code is not None and code < 0 else None
-    where = str(own.get("where", "during start-up"))
-    if own.get("error") or exit_code is None:
-        cause = str(own.get("error") or _last_line(str(getattr(err, "msg", err))))
-        return _this_rank_failed(rank, where, cause), rank
-    if signal_name:
-        return f"rank {rank} was killed by {signal_name} {where}", rank
-    return f"rank {rank} exited with code {exit_code} {where}", rank
-
-
-def _last_line(traceback_text: str) -> str:
-    lines = [line for line in traceback_text.strip().splitlines() if line.strip()]
-    return lines[-1].strip() if lines else "an error"
 
 
 def _launch_from_a_script(cfg: DictConfig, worker: Worker[T], explain: bool = False) -> T:

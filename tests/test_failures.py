@@ -15,7 +15,8 @@ import pytest
 
 from paraflow.api import compose
 from paraflow.errors import RankFailed
-from paraflow.launcher import explain_spawned_failure, launch
+from paraflow.failures import explain_spawned_failure
+from paraflow.launcher import launch
 
 from . import workers
 
