@@ -18,6 +18,8 @@ from paraflow.launcher import launch
 from . import workers
 from .conftest import read_images, read_latents, run_cli, run_paraflow
 
+pytestmark = pytest.mark.slow  # multi-process launches of whole runs
+
 PROMPTS = ["a red circle", "a blue square", "a green triangle", "a yellow star", "a white ring"]
 TWO_RANKS = ["+strategy=data", "launcher.devices=2", "launcher.threads_per_rank=1"]
 

@@ -99,6 +99,7 @@ def four_ranks(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str
     return root, dict(zip(CASES, run_many(cfgs)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(CASES))
 def test_hybrid_equals_single_device(four_ranks: tuple[Path, dict[str, Any]], name: str) -> None:
     root, runs = four_ranks
@@ -114,6 +115,7 @@ def test_hybrid_equals_single_device(four_ranks: tuple[Path, dict[str, Any]], na
         assert np.abs(got.astype(int) - want.astype(int)).max() <= 1  # uint8 grey levels
 
 
+@pytest.mark.slow
 def test_run_json_records_the_mesh(four_ranks: tuple[Path, dict[str, Any]]) -> None:
     _, runs = four_ranks
     data_patch, cfg_tensor = runs["data2_patch2"], runs["cfg2_tensor2"]

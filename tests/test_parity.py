@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from paraflow.api import compose
 from paraflow.tools.parity import band_boundaries, candidates_from, compare, reference_overrides
 
@@ -24,6 +26,7 @@ def test_candidates_and_references_from_overrides() -> None:
     assert band_boundaries(compose(["+strategy=data", "launcher.devices=2"]), 64) == []
 
 
+@pytest.mark.slow
 def test_naive_is_far_and_displaced_drifts_only_after_warmup(tmp_path: Path) -> None:
     rows = compare({"naive": [*BASE, "+strategy=naive_patch"],
                     "displaced": [*BASE, "+strategy=displaced_patch", "strategy.warmup_steps=4"]},

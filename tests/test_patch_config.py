@@ -77,6 +77,7 @@ def test_link_model_serialises_transfers() -> None:
     assert time.perf_counter() >= second
 
 
+@pytest.mark.slow
 def test_cli_distrifusion_on_two_ranks_with_the_default_model(tmp_path: Path) -> None:
     """What the README tells a user to type (smaller): exit 0, one image, labelled run.json,
     the decode in bands (the default for patch strategies) counted outside the steps."""

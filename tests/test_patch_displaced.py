@@ -15,6 +15,8 @@ from paraflow.models import load_pipeline
 from paraflow.strategies.patch.bands import conv_halo
 from tests.patch_helpers import config, latents, psnr, run_many, run_single
 
+pytestmark = pytest.mark.slow  # multi-process launches of whole runs
+
 BYTES = ["model=tiny_random", "height=64", "width=64", "steps=3"]
 QUALITY = ["model=tiny_random", "height=64", "width=64", "steps=20"]
 MODES = ["corrected_async", "weighted", "stale", "sync", "separate"]

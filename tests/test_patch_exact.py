@@ -15,6 +15,8 @@ import pytest
 
 from tests.patch_helpers import config, image, latents, run_many, run_single
 
+pytestmark = pytest.mark.slow  # multi-process launches of whole runs
+
 TOL = 1e-4
 PROMPTS = ["prompt=[a red circle,a blue square]", "images_per_prompt=2"]
 

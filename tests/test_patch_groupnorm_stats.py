@@ -94,6 +94,7 @@ def test_sync_and_separate_take_no_previous_statistics() -> None:
             estimate_moments(mode, stale, _sums(fresh), stale[1], 1, counts)
 
 
+@pytest.mark.slow
 def test_conv_in_is_exact_after_warmup_under_displaced_patch() -> None:
     cfg = compose(["model=tiny_random", "+strategy=displaced_patch", "strategy.warmup_steps=1",
                    "launcher.devices=2", "launcher.threads_per_rank=1"])

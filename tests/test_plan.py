@@ -38,6 +38,7 @@ def measured(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Plan, 
     return {name: (make_plan(cfg), rec) for (name, cfg), rec in zip(cfgs.items(), records)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(RUNS))
 def test_planned_bytes_equal_the_counted_bytes(
         measured: dict[str, tuple[Plan, dict[str, Any]]], name: str) -> None:
@@ -52,6 +53,7 @@ def test_planned_bytes_equal_the_counted_bytes(
         assert per_step[0] == per_step[1] > per_step[2]  # no GroupNorm sums once displaced
 
 
+@pytest.mark.slow
 def test_planned_weights_equal_param_bytes(measured: dict[str, tuple[Plan, dict[str, Any]]],
                                            tmp_path: Path) -> None:
     plan, record = measured["tensor"]
@@ -84,6 +86,7 @@ def test_sdxl_at_3840_on_8_devices_plans_in_seconds_without_memory() -> None:
     assert row.device_peak < 80e9
 
 
+@pytest.mark.slow
 def test_cli_prints_the_plan_and_launches_nothing(tmp_path: Path) -> None:
     run_dir = tmp_path / "hydra"
     result = run_cli(["plan_only=true", "model=tiny_random", "+strategy=sync_patch",

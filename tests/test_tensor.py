@@ -122,6 +122,7 @@ def tiny_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, dic
     return (root, *_run_pair(root, "tiny_random"))
 
 
+@pytest.mark.slow
 def test_tiny_latents_equal_single_device(tiny_pair: tuple[Path, dict, dict]) -> None:
     root, _, tensor = tiny_pair
     assert tensor["strategy"] == "tensor" and tensor["world_size"] == 2
@@ -131,6 +132,7 @@ def test_tiny_latents_equal_single_device(tiny_pair: tuple[Path, dict, dict]) ->
     assert json.loads((root / "tensor" / "run.json").read_text())["images"] == ["images/0000.png"]
 
 
+@pytest.mark.slow
 def test_each_rank_holds_about_half_the_denoiser(tiny_pair: tuple[Path, dict, dict]) -> None:
     _, single, tensor = tiny_pair
     whole = single["param_bytes"]["unet"][0]
@@ -142,6 +144,7 @@ def test_each_rank_holds_about_half_the_denoiser(tiny_pair: tuple[Path, dict, di
     assert tensor["param_bytes"]["vae"] == single["param_bytes"]["vae"] * 2  # not split
 
 
+@pytest.mark.slow
 def test_comm_bytes_match_the_all_reduce_formula(tiny_pair: tuple[Path, dict, dict]) -> None:
     """Per rank and denoising step: 2·(N−1)/N · Σ bytes of the outputs of every row-wise linear
     and input-split conv (one all-reduce per attention, feed-forward and ResNet block).
@@ -208,6 +211,7 @@ def count_collectives(ctx: ParallelContext, cfg: DictConfig) -> dict[str, int]:
     return {"setup": setup_calls, "forward": len(seen) - setup_calls, "counted": ctx.comm.calls}
 
 
+@pytest.mark.slow
 def test_every_collective_goes_through_the_communicator() -> None:
     cfg = compose(["model=tiny_random", *TENSOR_2, "launcher.threads_per_rank=1"])
     tally = launch(cfg, count_collectives)

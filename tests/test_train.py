@@ -12,6 +12,8 @@ import pytest
 
 from tests.conftest import REPO, read_images, run_paraflow
 
+pytestmark = pytest.mark.slow  # short training runs and subprocesses
+
 SMALL = ["vae_train.steps=2", "vae_train.batch=2", "unet_train.steps=4", "unet_train.batch=2",
          "unet_train.dataset_size=8", "unet_train.warmup=2", "checkpoint_every=2", "samples=0",
          "threads=1"]
