@@ -18,6 +18,7 @@ def test_there_are_notebooks() -> None:
                                            "displaced_tradeoff.ipynb"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_runs(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PARAFLOW_NOTEBOOK_OUT", str(tmp_path))
