@@ -99,7 +99,8 @@ def _from_rank_0(obj: Any) -> Any:
 
 
 def _on_rank(fabric: Fabric, worker: Worker[T], cfg_dict: dict[str, Any],
-             state_dir: str | None = None, quiet: bool = False) -> T:
+             state_dir: str | None = None, quiet: bool = False,
+             result_file: str | None = None) -> T | None:
     track_rank(fabric.global_rank, state_dir)
     previous_threads = torch.get_num_threads()
     joined = fabric.world_size > 1 and processes_created_externally()
@@ -121,6 +122,10 @@ def _on_rank(fabric: Fabric, worker: Worker[T], cfg_dict: dict[str, Any],
             # still talk to it can abort the peer at exit ("terminate called without an active
             # exception"), seen once in CI.
             dist.barrier()
+        if result_file is not None:  # spawned: the result goes back through a file
+            if fabric.global_rank == 0:
+                Path(result_file).write_bytes(pickle.dumps(result))
+            return None
         return result
     except BaseException as err:
         if isinstance(err, Exception):  # an exit (SystemExit) is reported by its exit code
@@ -158,8 +163,9 @@ def launch(cfg: DictConfig, worker: Worker[T], explain: bool = False) -> T:
     fabric = Fabric(accelerator=accelerator, devices=devices, num_nodes=num_nodes,
                     strategy=strategy)
     cfg_dict = plain_dict(cfg)
+    spawned = devices * num_nodes > 1 and not external
     if not explain or devices * num_nodes == 1:
-        return fabric.launch(partial(_on_rank, worker=worker, cfg_dict=cfg_dict))
+        return _run(fabric, partial(_on_rank, worker=worker, cfg_dict=cfg_dict), spawned)
     from torch.multiprocessing.spawn import ProcessException
 
     # torch logs "Terminating process N via signal SIGTERM" for each peer it stops after a
@@ -167,8 +173,8 @@ def launch(cfg: DictConfig, worker: Worker[T], explain: bool = False) -> T:
     spawn_log = logging.getLogger("torch.multiprocessing.spawn")
     with _state_folder(external) as state_dir, _log_level(spawn_log, logging.ERROR):
         try:
-            return fabric.launch(partial(_on_rank, worker=worker, cfg_dict=cfg_dict,
-                                         state_dir=state_dir, quiet=True))
+            return _run(fabric, partial(_on_rank, worker=worker, cfg_dict=cfg_dict,
+                                        state_dir=state_dir, quiet=True), spawned)
         except ProcessException as err:  # a spawned rank failed; all of them are gone now
             codes = exit_codes_of(err)
             # Let go of the launch's locals (Fabric's result queue), or its semaphores outlive
@@ -183,6 +189,18 @@ def launch(cfg: DictConfig, worker: Worker[T], explain: bool = False) -> T:
             rank = fabric.global_rank if tracked is None else tracked
             raise RankFailed(this_rank_failed(rank, where_now(), one_line_cause(err)),
                              rank) from err
+
+
+def _run(fabric: Fabric, on_rank: Callable[..., Any], spawned: bool) -> Any:
+    """fabric.launch(on_rank). Spawned ranks hand rank 0's result back in a file: Fabric's
+    return queue is read only after every rank has exited, and a result larger than the pipe's
+    buffer (a benchmark's many records) would block rank 0's exit forever."""
+    if not spawned:
+        return fabric.launch(on_rank)
+    with tempfile.TemporaryDirectory(prefix="paraflow-result-") as tmp:
+        result = Path(tmp) / "result.pkl"
+        fabric.launch(partial(on_rank, result_file=str(result)))
+        return pickle.loads(result.read_bytes())
 
 
 @contextlib.contextmanager

@@ -4,6 +4,8 @@ failures that take the run down, and Hydra sweeps with several ranks."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -16,7 +18,7 @@ from paraflow.api import compose
 from paraflow.launcher import launch
 
 from . import workers
-from .conftest import read_images, read_latents, run_cli, run_paraflow
+from .conftest import REPO, read_images, read_latents, run_cli, run_paraflow
 
 pytestmark = pytest.mark.slow  # multi-process launches of whole runs
 
@@ -119,3 +121,16 @@ def test_cli_single_run_and_sweep_with_two_ranks(tmp_path: Path) -> None:
     # Job 0 of the sweep is the same run as the single run above.
     for x, y in zip(read_images(tmp_path / "run"), read_images(tmp_path / "sweep" / "0")):
         assert np.array_equal(x, y)
+
+
+def test_a_large_result_comes_back_without_blocking_the_ranks() -> None:
+    """Fabric reads its return queue only after the ranks exit: a result over the pipe's buffer
+    must not go through it (it hung a 50-run benchmark). In a subprocess, so a hang fails."""
+    code = ("from paraflow.api import compose; from paraflow.launcher import launch; "
+            "from tests import workers; "
+            "r = launch(compose(['launcher.devices=2', 'launcher.threads_per_rank=1']), "
+            "workers.big_result); print(len(r), r[:1] == bytes([0]))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, text=True,
+                          capture_output=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split()[-2:] == [str(4 << 20), "True"]

@@ -78,3 +78,8 @@ def exit_on_rank_1(ctx: ParallelContext, cfg: DictConfig) -> int:
         os._exit(3)
     ctx.comm.all_reduce(torch.ones(4))
     return ctx.rank
+
+
+def big_result(ctx: ParallelContext, cfg: DictConfig) -> bytes:
+    """A result far larger than a pipe's buffer (64 KiB), as a benchmark's records are."""
+    return bytes([ctx.rank]) * (4 << 20)
