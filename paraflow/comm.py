@@ -16,7 +16,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -154,6 +154,15 @@ class Communicator:
         if mine is None:
             raise ValueError(f"rank {self.rank} is in none of the groups {list(groups)}")
         return mine
+
+    def along(self, make_group: Callable[[], dist.ProcessGroup], members: Sequence[int],
+              rank: int) -> Communicator:
+        """The communicator over `members` (ranks of this communicator; `rank` is this rank's
+        place among them) on the process group `make_group` returns, one that exists already (a
+        mesh dimension's). Not collective."""
+        size = len(members)
+        return Communicator(make_group() if size > 1 else None, size, rank, parent=self,
+                            timeout=self.timeout)
 
     def gather_objects(self, obj: Any) -> list[Any]:
         """Small Python objects (run statistics) from every rank; not counted as traffic."""

@@ -135,11 +135,13 @@ def mesh_of(ctx: ParallelContext, layout: Layout | None) -> DeviceMesh | None:
 
 def dim_comm(ctx: ParallelContext, mesh: DeviceMesh, dim: str) -> Communicator:
     """A communicator over this rank's ranks along mesh dimension `dim`, counting into ctx's."""
-    size = mesh.shape[list(mesh.mesh_dim_names or ()).index(dim)]
+    index = list(mesh.mesh_dim_names or ()).index(dim)
+    size = mesh.shape[index]
     if size == ctx.world_size:
         return ctx.comm
-    group = mesh.get_group(dim) if size > 1 else None
-    return Communicator(group, size, mesh.get_local_rank(dim), parent=ctx.comm)
+    lines = mesh.mesh.movedim(index, -1).reshape(-1, size).tolist()
+    members = next(line for line in lines if ctx.rank in line)
+    return ctx.comm.along(lambda: mesh.get_group(dim), members, members.index(ctx.rank))
 
 
 def replica_comm(ctx: ParallelContext, mesh: DeviceMesh) -> Communicator:

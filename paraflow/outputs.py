@@ -13,7 +13,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -21,6 +21,9 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from paraflow.errors import ParaflowError
+
+if TYPE_CHECKING:
+    from paraflow.comm import Communicator
 
 RESULT_NAMES = ("images", "run.json", "latents.safetensors")
 
@@ -51,6 +54,27 @@ class OutputSink:
         if not ids:
             return torch.zeros((0, *self.latent_shape))
         return torch.stack([self.latents[i] for i in ids])
+
+
+def gather_by_index(sink: OutputSink, comm: Communicator, device: torch.device) -> OutputSink:
+    """All-gather the (uneven) per-rank results over `comm`; ranks that made the same index
+    agree."""
+    if comm.world_size == 1:
+        return sink
+    ids = sorted(sink.images)
+    all_ids = comm.all_gather_uneven(torch.tensor(ids, dtype=torch.int64, device=device))
+    images = torch.from_numpy(sink.stacked_images(ids)).to(device)
+    all_images = comm.all_gather_uneven(images)
+    gathered = OutputSink(sink.image_shape, sink.latent_shape, sink.keep_latents)
+    for rank_ids, rank_images in zip(all_ids, all_images):
+        for row, image_id in enumerate(rank_ids.tolist()):
+            gathered.images[image_id] = rank_images[row].cpu().numpy()
+    if sink.keep_latents:
+        lat = sink.stacked_latents(ids).to(device)
+        for rank_ids, rank_lat in zip(all_ids, comm.all_gather_uneven(lat)):
+            for row, image_id in enumerate(rank_ids.tolist()):
+                gathered.latents[image_id] = rank_lat[row].cpu()
+    return gathered
 
 
 def check_output_dir(run_dir: str | Path) -> None:

@@ -11,6 +11,7 @@ optional hook its do-nothing default.
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
@@ -37,10 +38,20 @@ class Strategy(Protocol):
     image_comm: the ranks that hold the same image (decode in bands runs over them).
     decode_in_bands: the VAE decode with the image's rows split over `image_comm`; only called
         when `replicated_latents` (every rank of `image_comm` holds the same latents).
+    result_comm: the ranks this rank's images are gathered over, by index (None: it takes part
+        in no gather); the default `gather` runs over it and the planner sizes it from it.
     gather: collect every rank's outputs; the result matters on rank 0 only, which writes.
     exact_twin: overrides of the exact strategy on the same layout (parity's drift reference),
         or None when there is none.
     band_rows: latent rows of each band of one image (parity's seam score), or None.
+
+    For the planner (paraflow/plan), which runs setup, parallelize and the steps of every rank on
+    meta tensors over collectives that move nothing:
+    describe: this rank's place in the run, in a few words (after setup).
+    alike_key: ranks with equal keys (and equal image counts) use the same memory and send the
+        same bytes, so one of them is replayed for all; None: replay this rank on its own.
+    distinct_steps: of `steps` denoising steps, those whose work differs; each step not listed
+        costs what the last listed step before it costs (the first listed, before that).
     """
 
     name: str
@@ -68,16 +79,25 @@ class Strategy(Protocol):
     def decode_in_bands(self, vae: Any, latents: torch.Tensor,
                         ctx: ParallelContext) -> torch.Tensor: ...
 
+    def result_comm(self, ctx: ParallelContext) -> Communicator | None: ...
+
     def gather(self, sink: OutputSink, ctx: ParallelContext) -> OutputSink: ...
 
     def exact_twin(self, cfg: DictConfig) -> list[str] | None: ...
 
     def band_rows(self, cfg: DictConfig) -> list[int] | None: ...
 
+    def describe(self, cfg: DictConfig, ctx: ParallelContext) -> str: ...
+
+    def alike_key(self, cfg: DictConfig, ctx: ParallelContext) -> Hashable | None: ...
+
+    def distinct_steps(self, steps: int) -> list[int]: ...
+
 
 class StrategyBase:
-    """Defaults for every hook but assign_images and gather: no checks, no mesh, no set-up,
-    nothing swapped, no per-step work, one image per rank group of the whole world."""
+    """Defaults for every hook but assign_images: no checks, no mesh, no set-up, nothing
+    swapped, no per-step work, one image per rank group of the whole world, the images gathered
+    over the whole world by index, every rank and every step planned on its own."""
 
     name = "base"
     replicated_latents = False  # set when every rank holds the whole latent of its images
@@ -117,3 +137,21 @@ class StrategyBase:
 
     def band_rows(self, cfg: DictConfig) -> list[int] | None:
         return None
+
+    def result_comm(self, ctx: ParallelContext) -> Communicator | None:
+        return ctx.comm
+
+    def gather(self, sink: OutputSink, ctx: ParallelContext) -> OutputSink:
+        from paraflow.outputs import gather_by_index
+
+        comm = self.result_comm(ctx)
+        return sink if comm is None else gather_by_index(sink, comm, ctx.device)
+
+    def describe(self, cfg: DictConfig, ctx: ParallelContext) -> str:
+        return f"{self.name} rank {ctx.rank}/{ctx.world_size}"
+
+    def alike_key(self, cfg: DictConfig, ctx: ParallelContext) -> Hashable | None:
+        return None
+
+    def distinct_steps(self, steps: int) -> list[int]:
+        return [0]

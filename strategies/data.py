@@ -3,6 +3,10 @@ out in contiguous blocks, larger blocks first when the split is uneven; rank 0 w
 
 from __future__ import annotations
 
+from collections.abc import Hashable
+
+from omegaconf import DictConfig
+
 from paraflow.context import ParallelContext
 from paraflow.mesh import Layout
 from paraflow.strategies.base import ReplicatedModel
@@ -23,3 +27,9 @@ class DataStrategy(ReplicatedModel):
 
     def assign_images(self, n_images: int, ctx: ParallelContext) -> list[int]:
         return list(split_evenly(n_images, ctx.world_size, ctx.rank))
+
+    def describe(self, cfg: DictConfig, ctx: ParallelContext) -> str:
+        return f"data {ctx.rank}/{ctx.world_size}"
+
+    def alike_key(self, cfg: DictConfig, ctx: ParallelContext) -> Hashable | None:
+        return "replica"  # whole models: only the image counts differ

@@ -10,8 +10,6 @@ from typing import TYPE_CHECKING
 from paraflow.comm import Communicator
 from paraflow.context import ParallelContext
 from paraflow.mesh import dim_comm
-from paraflow.outputs import OutputSink
-from paraflow.strategies.base import gather_by_index
 from paraflow.strategies.data import split_evenly
 
 if TYPE_CHECKING:
@@ -35,7 +33,11 @@ class DataReplicas:
             return list(range(n_images))
         return list(split_evenly(n_images, self.comm.world_size, self.comm.rank))
 
-    def gather(self, sink: OutputSink, ctx: ParallelContext) -> OutputSink:
-        if self.comm is None or not self.gathers:
-            return sink  # one replica: every rank already holds every image
-        return gather_by_index(sink, self.comm, ctx.device)
+    def result_comm(self) -> Communicator | None:
+        """The ranks on rank 0's data row gather over `data`; with one replica every rank
+        already holds every image."""
+        return self.comm if self.gathers else None
+
+    def label(self) -> str:
+        """This replica's place, for the planner's role labels ('' with one replica)."""
+        return f"data {self.comm.rank} · " if self.comm is not None else ""

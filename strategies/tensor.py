@@ -24,7 +24,7 @@ so no asynchronous collective tensor outlives a layer.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from functools import reduce as fold
@@ -34,6 +34,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from paraflow.adapters import attention_heads, set_attention_heads
+from paraflow.comm import Communicator
 from paraflow.context import ParallelContext
 from paraflow.errors import ParaflowError
 from paraflow.mesh import (
@@ -45,7 +46,6 @@ from paraflow.mesh import (
     mesh_of,
     world_of,
 )
-from paraflow.outputs import OutputSink
 from paraflow.plugin import StrategyBase
 from paraflow.strategies.guidance import GuidanceSplit
 from paraflow.strategies.replicas import DataReplicas
@@ -252,13 +252,22 @@ class TensorStrategy(StrategyBase):
             self.guidance.install(model)
         if self.mesh is None or self.reduce is None or self.mesh.size() == 1:
             return
-        n, rank = self.mesh.size(), self.mesh.get_local_rank()
+        n, rank = self.mesh.size(), self.mesh.get_coordinate()[0]  # no group needed (planner)
         check_divisible(self.splits, n)
         apply_plan(model, self.splits, self.mesh, n, rank, self.reduce)
 
     def assign_images(self, n_images: int, ctx: ParallelContext) -> list[int]:
         return self.replicas.assign(n_images)
 
-    def gather(self, sink: OutputSink, ctx: ParallelContext) -> OutputSink:
-        return self.replicas.gather(sink, ctx)  # within a replica every rank made the same
+    def result_comm(self, ctx: ParallelContext) -> Communicator | None:
+        return self.replicas.result_comm()  # within a replica every rank made the same
+
+    def describe(self, cfg: DictConfig, ctx: ParallelContext) -> str:
+        cfg_part = f"cfg {self.guidance.comm.rank} · " if self.guidance is not None else ""
+        n = 1 if self.mesh is None else self.mesh.size()
+        rank = 0 if self.mesh is None else self.mesh.get_coordinate()[0]
+        return f"{self.replicas.label()}{cfg_part}tensor {rank}/{n}"
+
+    def alike_key(self, cfg: DictConfig, ctx: ParallelContext) -> Hashable | None:
+        return "tensor"  # the same slice sizes and collectives on every rank
 

@@ -51,6 +51,8 @@ def test_planned_bytes_equal_the_counted_bytes(
     if name == "displaced":
         per_step = plan.ranks[0].comm_per_step
         assert per_step[0] == per_step[1] > per_step[2]  # no GroupNorm sums once displaced
+    carries = name == "displaced"  # stale pieces between steps; nothing for the others
+    assert all((row.carried_bytes > 0) == carries for row in plan.ranks), name
 
 
 @pytest.mark.slow
@@ -80,8 +82,10 @@ def test_sdxl_at_3840_on_8_devices_plans_in_seconds_without_memory() -> None:
     row = plan.ranks[0]
     assert row.weights["unet"] == 2 * 2_567_463_684  # SDXL-base's UNet, fp16
     assert row.weights["text_encoder_2"] == 2 * 694_659_840
-    assert 0 < row.stale_bytes < row.activations["denoise"] < 80e9
-    assert row.comm_per_step[0] > row.stale_bytes  # the output band gather comes on top
+    # displaced: the stale pieces of every exchanged layer (and this step's in flight) are held
+    # between steps; more than one synchronous step sends to the 7 others, less than the peak
+    assert row.comm_per_step[0] < row.carried_bytes < row.activations["denoise"] < 80e9
+    assert plan.summary["replayed_ranks"] == 1  # 8 bands of 60 latent rows: one kind of rank
     assert plan.fits is False and "does NOT fit" in plan.markdown()  # 16 GB is too little
     assert row.device_peak < 80e9
 

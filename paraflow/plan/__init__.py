@@ -9,19 +9,20 @@ a run will not fit before renting the machines.
     from paraflow.plan import make_plan
     plan = make_plan(compose([...]))      # plan.markdown(), plan.to_dict()
 
-The model, and why it can be trusted without the hardware:
+How, and why it can be trusted without the hardware:
 - Everything is built on the meta device from config (paraflow/models/skeleton.py): shapes and
   parameter counts without memory, so SDXL at 3840² on 8 ranks plans on a laptop in seconds.
-- Layout: each rank's images, batch, band and groups come from the strategy's own arithmetic
-  (layout.py).
-- Bytes sent: closed formulas over the layer shapes of a meta call of the plain module, as the
-  communicator counts them (comm.py); tests/test_plan.py checks them against real gloo runs.
-- Weights: parameters at each stage's precision; tensor parallelism divides the planned layers
-  (weights.py); checked against run.json's param_bytes.
-- Working memory: the strategy's code is replayed on meta tensors over a communicator that moves
-  nothing, and every tensor alive after each op is counted until Python frees it (live.py,
-  simulate.py). Fused attention is assumed (CPU and CUDA SDPA never hold the score matrix);
-  kernel workspace and allocator slack are not modelled, so real peaks run somewhat higher
+- The planner knows strategies only through paraflow.plugin.Strategy. Every rank is set up by the
+  strategy's own `setup` on a planned context (planned.py: a communicator that moves nothing but
+  books bytes as the real one does, and a DeviceMesh without process groups), which says the
+  rank's images, its place and which ranks are alike (seats.py).
+- One rank of each kind then runs the strategy's own `parallelize` on meta modules (weights: the
+  parameters it leaves, a DTensor shard counting its local part) and a replay of its steps
+  (`distinct_steps`) and decode, counting every live tensor after each op (live.py,
+  simulate.py) and the bytes of every collective (rank.py); tests/test_plan.py checks bytes and
+  weights against real gloo runs.
+- Fused attention is assumed (CPU and CUDA SDPA never hold the score matrix); kernel workspace
+  and allocator slack are not modelled, so real peaks run somewhat higher
   (python -m paraflow.tools.plan_check measures how much).
 """
 

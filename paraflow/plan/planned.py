@@ -1,18 +1,23 @@
-"""Collectives that move nothing, for replaying a rank's strategy code on meta tensors.
+"""A rank of a run that is not launched: collectives that move nothing and a mesh without process
+groups, so a strategy's own setup/parallelize/steps run unchanged on meta tensors.
 
 `PlannedComm` returns what a real collective would (fresh pieces of the input's shape, the input
 for an all-reduce) and books the bytes exactly as paraflow.comm.Communicator books them, so a
-replay of a strategy's own setup/parallelize/steps tells both its memory and its traffic.
+replay tells both memory and traffic. It knows the world ranks of its members (`members`), from
+which the planner sizes the result gather. The mesh is a real DeviceMesh built without process
+groups (DTensor shards parameters over it locally, as the real run's `src_data_rank=None` does).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
 from paraflow.comm import Communicator, GatherHandle
 from paraflow.context import ParallelContext
+from paraflow.mesh import Layout
 
 
 class _Sent:
@@ -27,10 +32,12 @@ class _Sent:
 
 
 class PlannedComm(Communicator):
-    """Rank `rank` of `world_size` planned ranks."""
+    """Over world ranks `members` (default: all of `world_size`); this rank is members[rank]."""
 
-    def __init__(self, world_size: int, rank: int, parent: Communicator | None = None) -> None:
+    def __init__(self, world_size: int, rank: int, parent: Communicator | None = None,
+                 members: Sequence[int] | None = None) -> None:
         super().__init__(None, world_size, rank, parent=parent)
+        self.members = list(members) if members is not None else list(range(world_size))
 
     def all_gather(self, tensor: torch.Tensor) -> list[torch.Tensor]:
         if self.world_size == 1:
@@ -47,12 +54,20 @@ class PlannedComm(Communicator):
             self._count(2 * nbytes * (self.world_size - 1) / self.world_size)
         return tensor
 
+    def _member(self, members: Sequence[int], rank: int) -> PlannedComm:
+        return PlannedComm(len(members), rank, parent=self,
+                           members=[self.members[m] for m in members])
+
     def split(self, groups: Sequence[Sequence[int]]) -> Communicator:
         for ranks in groups:
             members = [int(r) for r in ranks]
             if self.rank in members:
-                return PlannedComm(len(members), members.index(self.rank), parent=self)
+                return self._member(members, members.index(self.rank))
         raise ValueError(f"rank {self.rank} is in none of the groups {list(groups)}")
+
+    def along(self, make_group: Callable[[], Any], members: Sequence[int],
+              rank: int) -> Communicator:
+        return self._member(members, rank)
 
     def gather_objects(self, obj: object) -> list[object]:
         return [obj] * self.world_size
@@ -61,7 +76,33 @@ class PlannedComm(Communicator):
         return None
 
 
-def planned_context(rank: int, world_size: int) -> ParallelContext:
-    """Rank `rank` of a planned run of `world_size` ranks, on the meta device, no mesh."""
+def _mesh(ranks: torch.Tensor, names: tuple[str, ...], rank: int) -> Any:
+    from torch.distributed.device_mesh import DeviceMesh
+
+    class PlannedMesh(DeviceMesh):
+        """Slices (mesh["tensor"]) without process groups: the line of ranks holding this one."""
+
+        def __getitem__(self, dim: Any) -> Any:
+            if not isinstance(dim, str):
+                raise NotImplementedError("a planned mesh slices one dimension at a time")
+            index = names.index(dim)
+            lines = ranks.movedim(index, -1).reshape(-1, ranks.shape[index])
+            line = next(row for row in lines if rank in row.tolist())
+            return _mesh(line, (dim,), rank)
+
+    # torch's own flags for a mesh whose groups are never made
+    return PlannedMesh("cpu", ranks, mesh_dim_names=names, _init_backend=False, _rank=rank)
+
+
+def planned_mesh(layout: Layout, rank: int) -> Any:
+    """Rank `rank`'s DeviceMesh of `layout`, without process groups."""
+    ranks = torch.arange(int(torch.tensor(list(layout.values())).prod()))
+    return _mesh(ranks.reshape(tuple(layout.values())), tuple(layout), rank)
+
+
+def planned_context(rank: int, world_size: int, layout: Layout | None = None) -> ParallelContext:
+    """Rank `rank` of a planned run of `world_size` ranks on the meta device, with the mesh of
+    `layout` (the strategy's mesh_layout) as the launcher would build it."""
+    mesh = planned_mesh(layout, rank) if layout is not None and world_size > 1 else None
     return ParallelContext(rank, world_size, 0, torch.device("meta"),
-                           PlannedComm(world_size, rank))
+                           PlannedComm(world_size, rank), mesh)

@@ -8,24 +8,16 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from paraflow.adapters import (
-    added_condition_widths,
-    latent_channels,
-    unet_downsampling,
-    uses_guidance,
-)
+from paraflow.adapters import added_condition_widths, latent_channels, uses_guidance
 from paraflow.errors import ParaflowError
 from paraflow.mesh import world_of
 from paraflow.models.skeleton import COMPONENTS, pipeline_skeleton, prompt_tokens
-from paraflow.plan.comm import gather_by_index
-from paraflow.plan.layout import modelled, rank_roles
 from paraflow.plan.rank import RankWork, patch_decode_wanted
 from paraflow.plan.report import Plan, RankPlan
+from paraflow.plan.seats import Seat, seats
 from paraflow.plan.simulate import Inputs
-from paraflow.plan.weights import PHASES, Policy, module_bytes, stage_policies, tensor_share
-from paraflow.registry import build_strategy
+from paraflow.plan.weights import PHASES, Policy, module_bytes, stage_policies
 from paraflow.run import expanded_prompts
-from paraflow.strategies.tensor import TensorStrategy, resolve_plan
 from paraflow.validate import model_factor, validate
 
 
@@ -56,6 +48,17 @@ def _gathered_row_bytes(cfg: DictConfig, inputs: Inputs) -> list[int]:
         channels, height, width = inputs.latent
         rows.append((int(cfg.steps) if trajectory else 1) * 4 * channels * height * width)
     return rows
+
+
+def _gather_bytes(seat: Seat, images_of: list[int], row_bytes: list[int]) -> int:
+    """The default gather (paraflow.outputs.gather_by_index) over the seat's result_comm: per
+    entry of `row_bytes` (ids: 8, images, latents when kept) one all-gather of the int64 count,
+    then one of the most images a member holds, padded (ring: a piece times N−1)."""
+    comm = seat.strategy.result_comm(seat.ctx)
+    if comm is None or comm.world_size == 1:
+        return 0
+    most = max(images_of[m] for m in comm.members)
+    return sum((8 + most * size) * (comm.world_size - 1) for size in row_bytes)
 
 
 def _budget(cfg: DictConfig) -> tuple[int | None, str]:
@@ -94,35 +97,31 @@ def make_plan(cfg: DictConfig) -> Plan:
                             "(unet/config.json, vae/config.json) and found none; give a local "
                             "pipeline folder (model.path), or plan an architecture preset: "
                             "model=sdxl_arch or model=sd15_arch")
-    strategy = build_strategy(cfg.strategy)
     policies = stage_policies(cfg)
     factor = model_factor(cfg.model)
-    denoiser: Any = parts["unet"]
-    unit = unet_downsampling(denoiser)
-    roles = rank_roles(cfg, strategy, unit, factor)
     inputs = _inputs(cfg, parts["unet"], factor)
-    weights = {n: module_bytes(parts[n], policies.get(n, Policy()).dtype)
-               for n in COMPONENTS if n in parts}
+    loaded = {n: module_bytes(parts[n], policies.get(n, Policy()).dtype)
+              for n in COMPONENTS if n in parts}
     budget, source = _budget(cfg)
     target = _target(cfg)
     cpu = target == "cpu"
+    every = seats(cfg)
+    images_of = [seat.images for seat in every]
+    gathered = _gathered_row_bytes(cfg, inputs)
     works: dict[tuple[Any, ...], RankWork] = {}
     rows = []
-    if isinstance(strategy, TensorStrategy) and roles[0].tensor > 1:
-        unet = parts["unet"]
-        weights["unet"] = tensor_share(unet, resolve_plan(unet, strategy.plan), roles[0].tensor,
-                                       policies["unet"].dtype)
-    gathered = _gathered_row_bytes(cfg, inputs)
-    for role in roles:
-        if role.key() not in works:
-            works[role.key()] = RankWork(cfg, role, inputs, policies, unit, cpu)
-        work = works[role.key()]
+    for seat in every:
+        if seat.key not in works:
+            works[seat.key] = RankWork(cfg, seat, inputs, policies, cpu)
+        work = works[seat.key]
+        weights = {**loaded, **work.weights}
         activations = {"denoise": work.peaks[0], "decode": work.peaks[1]}
         peak = _device_peak(weights, policies, activations, everything_resident=cpu)
         rows.append(RankPlan(
-            role.rank, role.label, role.images, dict(weights), activations, work.stale,
-            work.per_step, work.decode, gather_by_index(role.gather, role.gather_max, gathered),
+            seat.rank, seat.label, seat.images, weights, activations, work.carried,
+            work.per_step, work.decode, _gather_bytes(seat, images_of, gathered),
             peak, None if budget is None else peak <= budget))
+    strategy = every[0].strategy
     summary = {
         "model": str(cfg.model.name), "height": int(cfg.height), "width": int(cfg.width),
         "strategy": strategy.mode, "world_size": world_of(cfg),
@@ -130,28 +129,29 @@ def make_plan(cfg: DictConfig) -> Plan:
         "images": len(expanded_prompts(cfg)),
         "guidance": inputs.guidance,
         "precision": {n: str(policies.get(n, Policy()).dtype).removeprefix("torch.")
-                      for n in weights},
+                      for n in loaded},
         "patch_decode": patch_decode_wanted(cfg, strategy) and world_of(cfg) > 1,
         "target": target,
+        "replayed_ranks": len(works),
     }
     notes = [
-        "weights: parameters at the precision of the last stage using each module; the device "
-        "peak holds offloaded modules (pipeline.stages.*.offload=cpu) only during their stage"
+        f"strategy {strategy.name}: planned by replaying its own setup, parallelize and steps "
+        f"on meta tensors, over collectives that move nothing ({len(works)} of "
+        f"{len(every)} rank(s) replayed; the others are alike, by the strategy's alike_key)",
+        "weights: parameters at the precision of the last stage using each module, as the "
+        "strategy's parallelize leaves them; the device peak holds offloaded modules "
+        "(pipeline.stages.*.offload=cpu) only during their stage"
         + (" (on CPU nothing is offloaded: all held)" if cpu else ""),
-        "activations: the peak of live tensors in a meta-device replay of this rank's denoising "
-        "step(s) and decode (strategy code included: exchange buffers, stale pieces, buckets in "
-        "flight); fused attention (no score matrix); "
+        "activations: the peak of live tensors in the replay of this rank's denoising step(s) "
+        "and decode (exchange buffers, stale pieces, buckets in flight); fused attention (no "
+        "score matrix); "
         + ("CPU convolutions' input copy included; " if cpu else "cuDNN workspace, ")
-        + "allocator slack not included",
-        "bytes sent as paraflow's communicator counts them (ring algorithms), per rank",
+        + "allocator slack not included; carried: what the strategy holds from one step to "
+        "the next (displaced patch: the stale pieces)",
+        "bytes sent as paraflow's communicator counts them (ring algorithms), per rank; the "
+        "result gather as the default gather over the strategy's result_comm",
     ]
-    if not modelled(strategy):
-        notes.append(f"strategy {strategy.name}: planned by replaying its own setup, "
-                     "parallelize and steps on meta tensors for every rank (bytes as its "
-                     "collectives book them); weights as loaded, before any sharding it does; "
-                     "its result gather is not planned")
     if cpu and world_of(cfg) > 1 and _accelerator(cfg) == "auto":
         notes.append("planned for CPU ranks (launcher.accelerator=auto on a machine without "
                      "CUDA); add launcher.accelerator=cuda to plan GPUs")
     return Plan(summary, rows, budget, source, notes)
-

@@ -14,7 +14,7 @@ class RankPlan:
     images: int
     weights: dict[str, int]  # module -> bytes this rank holds
     activations: dict[str, int]  # phase (denoise, decode) -> peak live bytes of that phase
-    stale_bytes: int  # displaced: the other bands' pieces of every exchanged layer
+    carried_bytes: int  # held from one step to the next (displaced: stale and in-flight pieces)
     comm_per_step: list[int]  # bytes sent at each denoising step (all batches of the rank)
     comm_decode: int  # patch decode: halos, GroupNorm sums, attention K/V, pixel bands
     comm_gather: int  # the images (and latents) gathered to rank 0
@@ -58,7 +58,7 @@ class Plan:
                  " · ".join(f"{k}: {_text(v)}" for k, v in s.items()
                             if k not in ("model", "height", "width", "strategy")), "",
                  "| rank | role | images | weights " + "/".join(self.ranks[0].weights)
-                 + " | act. denoise | act. decode | stale | device peak | sent/step | "
+                 + " | act. denoise | act. decode | carried | device peak | sent/step | "
                    "sent/image | sent/run | fits |",
                  "|" + "---|" * 12]
         for r in self.ranks:
@@ -68,7 +68,7 @@ class Plan:
                 f"| {r.rank} | {r.role} | {r.images} | "
                 + " / ".join(human(b) for b in r.weights.values())
                 + f" | {human(r.activations['denoise'])} | {human(r.activations['decode'])} | "
-                f"{human(r.stale_bytes)} | {human(r.device_peak)} | "
+                f"{human(r.carried_bytes)} | {human(r.device_peak)} | "
                 + (" · ".join(human(b) for b in steps) or "0")
                 + f" | {human(r.comm_per_image)} | {human(r.comm_run)} | {fits} |")
         budget = "none" if self.budget_bytes is None else human(self.budget_bytes)

@@ -1,38 +1,24 @@
-"""One rank's generation replayed on the meta device to find its peak working memory.
+"""One pass of a rank's generation replayed on the meta device: its peak working memory and, on
+the planned communicator, the bytes of every collective it makes.
 
-The strategy's own code runs: patch layers, band hooks, stale buffers and asynchronous buckets
-(strategies/patch), the guidance split, and the patch VAE decode, over `PlannedComm` — a
-communicator that moves nothing but returns the fresh tensors a real collective would. Tensor
-parallelism is applied by slicing the meta modules as each rank holds them. `LiveBytes` counts
-every tensor alive at each op; the scheduler step is stood in for by two latent-sized ops, and the
-images' post-processing by the float and uint8 copies it makes.
+The strategy's own code runs, set up and parallelised as for the real run (patch layers, band
+hooks, stale buffers and asynchronous buckets, DTensor shards, the guidance split, the decode in
+bands), over `PlannedComm` — a communicator that moves nothing but returns the fresh tensors a
+real collective would. `LiveBytes` counts every tensor alive at each op; the scheduler step is
+stood in for by two latent-sized ops, and the images' post-processing by the float and uint8
+copies it makes.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from types import SimpleNamespace
-from typing import Any, cast
+from typing import Any
 
 import torch
-from torch import nn
 
-from paraflow.adapters import context_width, set_attention_heads
+from paraflow.adapters import context_width
 from paraflow.context import ParallelContext
-from paraflow.plan.layout import Role
 from paraflow.plan.live import LiveBytes
-from paraflow.plan.planned import PlannedComm
-from paraflow.strategies.patch.state import PatchState
-from paraflow.strategies.patch.strategy import PatchParallel, batch_groups
-from paraflow.strategies.patch.unet import Layout as BandLayout
-from paraflow.strategies.patch.vae import patch_decode
-from paraflow.strategies.tensor import PlannedSplit
-from paraflow.strategies.tensor_layers import (
-    InputShardedConv2d,
-    interleave_gated,
-    shard_conv_out,
-    shard_group_norm,
-)
 
 
 @dataclass
@@ -45,78 +31,26 @@ class Inputs:
     added: dict[str, int] | None  # SDXL: text_embeds width, time_ids width
 
 
-def shard_on_meta(model: nn.Module, splits: list[PlannedSplit], n: int) -> None:
-    """Rank 0's slice of every planned layer (strategies/tensor.py apply_plan without DTensor:
-    linears sliced by hand, the rest with the strategy's own functions)."""
-    modules = dict(model.named_modules())
-    for split in splits:
-        module = modules[split.name]
-        if split.style in ("colwise", "colwise_gated"):
-            linear = cast(nn.Linear, module)
-            if split.style == "colwise_gated":
-                interleave_gated(linear, n)
-            keep = linear.out_features // n
-            linear.weight = nn.Parameter(linear.weight[:keep])
-            if linear.bias is not None:
-                linear.bias = nn.Parameter(linear.bias[:keep])
-            linear.out_features = keep
-        elif split.style == "rowwise":
-            linear = cast(nn.Linear, module)
-            linear.weight = nn.Parameter(linear.weight[:, : linear.in_features // n])
-            linear.in_features //= n
-        elif split.style == "heads":
-            set_attention_heads(module, split.count // n)
-        elif split.style == "conv_out":
-            shard_conv_out(cast(nn.Conv2d, module), n, 0)
-        elif split.style == "groupnorm":
-            shard_group_norm(cast(nn.GroupNorm, module), n, 0)
-        else:
-            parent, _, child = split.name.rpartition(".")
-            setattr(modules[parent] if parent else model, child,
-                    InputShardedConv2d.from_conv(cast(nn.Conv2d, module), n, 0, lambda t: t))
+@dataclass
+class Replayed:
+    denoise_peak: int  # most live bytes while denoising
+    decode_peak: int
+    carried: int  # most bytes the strategy holds from one step to the next (stale buffers)
+    booked: dict[int | None, int]  # bytes sent per replayed step; None: after the steps
 
 
-def install_patch(strategy: PatchParallel, role: Role, unet: nn.Module) -> None:
-    """PatchParallel.setup and parallelize for `role`, over planned communicators."""
-    groups = batch_groups(role.replica, strategy.cfg_split)
-    strategy.state = PatchState(PlannedComm(len(role.bands), role.band),
-                                displaced=strategy.displaced, warmup_steps=strategy.warmup_steps,
-                                frozen=strategy.frozen, groupnorm=strategy.groupnorm,
-                                bucket_bytes=strategy.bucket_bytes)
-    replica = PlannedComm(role.replica, role.replica_rank)
-    strategy.layout = BandLayout(replica, groups, 1)
-    strategy._image_comm = replica
-    strategy.parallelize(SimpleNamespace(unet=unet), _context(role))
-
-
-def _context(role: Role) -> ParallelContext:
-    return ParallelContext(role.rank, role.replica, 0, torch.device("meta"),
-                           PlannedComm(role.replica, role.replica_rank))
-
-
-def steps_to_replay(strategy: Any, steps: int) -> list[int]:
-    """The steps whose memory differs: the last synchronous one (displaced: it keeps the other
-    bands' pieces) and the first displaced one (stale buffers plus buckets in flight)."""
-    if not getattr(strategy, "displaced", False):
-        return [0]
-    last_sync = min(int(strategy.warmup_steps), steps - 1)
-    return [last_sync] + ([last_sync + 1] if last_sync + 1 < steps else [])
-
-
-def replay(strategy: Any, role: Role, unet: Any, vae: Any, inputs: Inputs,
-           images: int, steps: int, patch_decode_over: int, cpu: bool,
-           ctx: ParallelContext | None = None) -> tuple[int, int]:
-    """Peak live bytes (denoising, then decoding) of one pass of `images` images through the
-    meta `unet` and `vae` as `strategy` runs them on this rank; patch decode over
-    `patch_decode_over` ranks (1: whole); `cpu`: CPU convolution workspace (live.py). `ctx`
-    (default: the role's): its communicator books each replayed step's bytes under the step."""
-    ctx = ctx or _context(role)
+def replay(strategy: Any, ctx: ParallelContext, unet: Any, vae: Any, inputs: Inputs,
+           images: int, steps: int, in_bands: bool, cpu: bool) -> Replayed:
+    """`images` images through the meta `unet` and `vae` as `strategy` runs them on `ctx`'s rank:
+    the steps strategy.distinct_steps names, then the decode (in bands: `in_bands`). `cpu`: CPU
+    convolution workspace (live.py)."""
     unet_dtype = next(unet.parameters()).dtype
     vae_dtype = next(vae.parameters()).dtype
     weights = [*unet.parameters(), *unet.buffers(), *vae.parameters(), *vae.buffers()]
     live = LiveBytes(exclude=weights, cpu_convolutions=cpu)
     batch = images * (2 if inputs.guidance else 1)
     meta = torch.device("meta")
+    carried = 0
     with torch.inference_mode(), live:
         embeds = torch.empty(batch, inputs.tokens, context_width(unet),
                              dtype=unet_dtype, device=meta)
@@ -126,7 +60,8 @@ def replay(strategy: Any, role: Role, unet: Any, vae: Any, inputs: Inputs,
         initial = torch.empty(images, *inputs.latent, device=meta)  # kept by the stage graph
         latents = initial * 1.0
         t = torch.tensor(500, device=meta)
-        for step in steps_to_replay(strategy, steps):
+        between_steps = live.live
+        for step in strategy.distinct_steps(steps):
             ctx.comm.step = step
             strategy.on_step(step, ctx)
             model_input = torch.cat([latents] * 2) if inputs.guidance else latents
@@ -135,18 +70,20 @@ def replay(strategy: Any, role: Role, unet: Any, vae: Any, inputs: Inputs,
             if inputs.guidance:
                 uncond, text = noise.chunk(2)
                 noise = uncond + 5.0 * (text - uncond)
+                del uncond, text
             latents = latents * 0.5 + noise * 0.5  # the scheduler step: latent-sized temporaries
             del model_input, noise
+            carried = max(carried, live.live - between_steps)
         ctx.comm.step = None
         strategy.on_denoise_end(ctx)  # as the Denoise stage calls it
         denoise = live.peak
         live.reset_peak()
         scaled = latents.to(vae_dtype) / 0.5
-        if patch_decode_over > 1:
-            decoded = patch_decode(vae, scaled, PlannedComm(patch_decode_over, role.replica_rank))
+        if in_bands:
+            decoded = strategy.decode_in_bands(vae, scaled, ctx)
         else:
             decoded = vae.decode(scaled, return_dict=False)[0]
         pixels = (decoded.float() * 0.5 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)
         rounded = (pixels * 255).round()  # pixels_to_uint8's copies
         _ = rounded.to(torch.uint8)
-        return denoise, live.peak
+        return Replayed(denoise, live.peak, carried, dict(ctx.comm.bytes_by_step))

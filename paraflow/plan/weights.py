@@ -1,6 +1,7 @@
 """Weight bytes per rank: each pipeline module at the precision of the stage that uses it (the last
-one, as a run leaves it), the denoiser's share under tensor parallelism, and which modules stay
-on the device between stages (the stage policies' placement and offload)."""
+one, as a run leaves it), as the strategy's parallelize leaves it (a shard counts its local part),
+and which modules stay on the device between stages (the stage policies' placement and
+offload)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,6 @@ from torch import nn
 from paraflow.config import Offload, Placement, Precision
 from paraflow.graph import execution_order
 from paraflow.policy import DTYPES
-from paraflow.strategies.tensor import PlannedSplit
 
 PHASES = {"encode": ("text_encoder", "text_encoder_2"), "denoise": ("unet",), "decode": ("vae",)}
 
@@ -41,25 +41,11 @@ def stage_policies(cfg: DictConfig) -> dict[str, Policy]:
 
 
 def module_bytes(module: nn.Module, dtype: torch.dtype) -> int:
-    """Parameter bytes once cast to `dtype` (what run.json's param_bytes counts; buffers are
-    not parameters)."""
-    return sum(p.numel() * (dtype.itemsize if p.is_floating_point() else p.element_size())
-               for p in module.parameters())
-
-
-def tensor_share(model: nn.Module, splits: list[PlannedSplit], n: int,
-                 dtype: torch.dtype) -> int:
-    """Parameter bytes one of `n` tensor-parallel ranks holds: a split layer's weight is divided
-    by n; its bias too, except after a row-wise or input-channel split (added once, after the
-    all-reduce, so every rank keeps it whole); everything else stays whole."""
-    whole = module_bytes(model, dtype)
-    modules = dict(model.named_modules())
-    saved = 0
-    for split in splits:
-        for name, param in modules[split.name].named_parameters(recurse=False):
-            if split.style == "heads" or (name == "bias" and split.style in ("rowwise",
-                                                                            "conv_in")):
-                continue
-            size = param.numel() * dtype.itemsize
-            saved += size - size // n
-    return whole - saved
+    """Parameter bytes once cast to `dtype`, a sharded parameter's local shard only (what
+    run.json's param_bytes counts; buffers are not parameters)."""
+    total = 0
+    for param in module.parameters():
+        local = param.to_local() if hasattr(param, "to_local") else param  # DTensor
+        total += local.numel() * (dtype.itemsize if local.is_floating_point()
+                                  else local.element_size())
+    return total

@@ -58,7 +58,7 @@ def measure(sizes: list[int], steps: int, model: str, out: Path) -> list[dict[st
                 "working_error": _error(predicted, measured),
                 "denoise_predicted": row.activations["denoise"],
                 "decode_predicted": row.activations["decode"],
-                "stale_predicted": row.stale_bytes,
+                "carried_predicted": row.carried_bytes,
                 "comm_predicted": row.comm_run, "comm_measured": record["comm_bytes"][rank],
                 "comm_error": _error(row.comm_run, record["comm_bytes"][rank]),
                 "weights_predicted": weights, "weights_measured": param_bytes,

@@ -79,8 +79,8 @@ class PatchGroupNorm(nn.Module):
             stale = state.stale(self.key, own_stale)
             mean, var = estimate_moments(mode, stale, sums, own_stale, state.band.index, counts)
             state.publish(self.key, sums)
-        if state.synchronous or not state.frozen:
-            self.previous_sums = sums
+        if state.displaced and (state.synchronous or not state.frozen):
+            self.previous_sums = sums  # this band's own stale sums, for the next step
         return self._normalize(x, mean, var)
 
     def _normalize(self, x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:

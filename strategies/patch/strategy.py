@@ -5,6 +5,7 @@ data × cfg × patch, paraflow/mesh.py): each replica makes its block of the ima
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from typing import Any
 
 from omegaconf import DictConfig
@@ -151,8 +152,41 @@ class PatchParallel(ReplicatedModel):
     def assign_images(self, n_images: int, ctx: ParallelContext) -> list[int]:
         return self.replicas.assign(n_images)  # every rank of a replica works on its images
 
+    def result_comm(self, ctx: ParallelContext) -> Communicator | None:
+        return self.replicas.result_comm()
+
     def gather(self, sink: OutputSink, ctx: ParallelContext) -> OutputSink:
         """Wait for stray transfers; the replicas' images to rank 0, which writes."""
         if self.state is not None:
             self.state.drain()
-        return self.replicas.gather(sink, ctx)
+        return super().gather(sink, ctx)
+
+    def _place(self, cfg: DictConfig) -> tuple[int, int, list[list[int]], int]:
+        """(guidance part, band, the parts' rank groups, the band's latent rows), after setup."""
+        if self.state is None or self.layout is None or self._image_comm is None:
+            raise RuntimeError("setup() must run first")
+        groups, local = self.layout.groups, self._image_comm.rank
+        part = next(i for i, g in enumerate(groups) if local in g)
+        band, bands = self.state.comm.rank, self.state.comm.world_size
+        rows = band_sizes(int(cfg.height) // model_factor(cfg.model), bands,
+                          configured_downsampling(cfg.model) or 1)[band]
+        return part, band, groups, rows
+
+    def describe(self, cfg: DictConfig, ctx: ParallelContext) -> str:
+        part, band, groups, rows = self._place(cfg)
+        where = self.replicas.label() + (f"cfg {part} · " if len(groups) > 1 else "")
+        return f"{where}band {band}/{len(groups[part])} ({rows} latent rows)"
+
+    def alike_key(self, cfg: DictConfig, ctx: ParallelContext) -> Hashable | None:
+        """Bands of equal height in parts of equal size do the same work (edge halos aside:
+        every rank sends pieces of the same, padded shape)."""
+        part, _, groups, rows = self._place(cfg)
+        return rows, len(groups[part]), tuple(len(g) for g in groups)
+
+    def distinct_steps(self, steps: int) -> list[int]:
+        """Displaced: the last synchronous step (it keeps the other bands' pieces) and the first
+        displaced one (stale buffers plus buckets in flight); else every step alike."""
+        if not self.displaced:
+            return [0]
+        last_sync = min(self.warmup_steps, steps - 1)
+        return [last_sync] + ([last_sync + 1] if last_sync + 1 < steps else [])

@@ -1,5 +1,5 @@
 """Rank r makes images r, r + N, r + 2N, ... (or from the last rank with reverse=true); every
-rank holds the whole model; rank 0 gathers and writes."""
+rank holds the whole model; rank 0 gathers (StrategyBase's gather, over every rank) and writes."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ from typing import Any
 
 from paraflow.errors import ParaflowError
 from paraflow.plugin import StrategyBase
-from paraflow.strategies.base import gather_by_index
 
 
 class RoundRobin(StrategyBase):
@@ -31,6 +30,3 @@ class RoundRobin(StrategyBase):
     def assign_images(self, n_images: int, ctx: Any) -> list[int]:
         me = ctx.world_size - 1 - ctx.rank if self.reverse else ctx.rank
         return list(range(me, n_images, ctx.world_size))
-
-    def gather(self, sink: Any, ctx: Any) -> Any:
-        return gather_by_index(sink, ctx.comm, ctx.device)
