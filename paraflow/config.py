@@ -15,6 +15,8 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
+from paraflow.serve.config import ServeConfig
+
 
 class Precision(str, Enum):
     fp32 = "fp32"
@@ -136,6 +138,7 @@ class RunConfig:
     output_dir: str | None = None  # None: Hydra's run directory
     plan_only: bool = False  # print the memory/communication plan (paraflow/plan), run nothing
     plan_memory_gb: float | None = None  # the plan's per-device budget (None: CUDA's, if any)
+    serve: Any = None  # the image service (conf/serve, paraflow/serve/config.py)
 
 
 def plain_dict(node: Any) -> dict[str, Any]:
@@ -164,5 +167,6 @@ def register_configs() -> None:
     store.store(group="schemas/scheduler", name="scheduler", node=SchedulerConfig)
     store.store(group="schemas/pipeline", name="pipeline", node=PipelineConfig)
     store.store(group="schemas/launcher", name="launcher", node=LauncherConfig)
+    store.store(group="schemas/serve", name="serve", node=ServeConfig)
     for plugin in entry_points(group=CONFIG_GROUP):  # strategies' schemas (paraflow/plugin.py)
         plugin.load()(store)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -51,6 +51,12 @@ class StageEnv:
     seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     # The latents after every denoising step, (batch, steps, C, h, w), when save_trajectory.
     trajectory: torch.Tensor | None = None
+    # Called by the denoising loop after each step (done, of): a host application's progress
+    # report; raising from it stops the run there (a service's cancellation).
+    on_step: Callable[[int, int], None] | None = None
+    # Long-lived helpers a host application hands its stages by name (the service's embedding
+    # cache); the built-in stages need none.
+    services: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

@@ -24,7 +24,7 @@ from tests.conftest import REPO
 pytestmark = pytest.mark.slow
 ENTRY_POINTS = ["paraflow.bench", "paraflow.plan", "paraflow.tools.parity",
                 "paraflow.tools.plan_check", "paraflow.tools.train", "paraflow.tools.caption_check",
-                "paraflow.tools.samples"]
+                "paraflow.tools.samples", "paraflow.serve", "paraflow.serve.instance"]
 
 
 def _copy_of_checkout(dest: Path) -> Path:

@@ -67,6 +67,8 @@ class Denoise:
                 checked = step + 1
             if cfg.save_trajectory:
                 trajectory.append(latents.cpu())
+            if env.on_step is not None:
+                env.on_step(step + 1, steps)
         check_finite(finite, checked, steps, env)
         set_stage("after denoise")
         comm.step = None

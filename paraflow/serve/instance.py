@@ -1,0 +1,60 @@
+"""One instance: `python -m paraflow.serve.instance [overrides]` loads the pipeline once, warms it
+up and serves it with uvicorn on serve.instance.host:port (127.0.0.1 unless told otherwise).
+The supervisor (`python -m paraflow.serve`) starts these; on another machine start them by hand
+and list them in serve.remote."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from omegaconf import DictConfig
+
+from paraflow.api import compose
+from paraflow.errors import ParaflowError
+
+
+def scheduler_configs(names: Sequence[str]) -> dict[str, DictConfig]:
+    """The scheduler configs a request may name (conf/scheduler/NAME.yaml)."""
+    found = {}
+    for name in names:
+        try:
+            found[name] = compose([f"scheduler={name}"]).scheduler
+        except Exception as err:
+            raise ParaflowError(f"serve.limits.schedulers: no scheduler config {name!r} "
+                                f"({type(err).__name__})") from None
+    return found
+
+
+def build(overrides: Sequence[str]) -> tuple[DictConfig, Any]:
+    """The composed config and the FastAPI app of a started, warmed-up instance."""
+    from paraflow.serve.app import create_app
+    from paraflow.serve.engine import Engine
+
+    cfg = compose(list(overrides))
+    engine = Engine(cfg, scheduler_configs(list(cfg.serve.limits.schedulers)))
+    engine.start(warmup=bool(cfg.serve.instance.warmup))
+    return cfg, create_app(engine)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import uvicorn
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    if {"-h", "--help"} & set(args):
+        print(__doc__.strip())
+        return 0
+    try:
+        cfg, app = build(args)
+    except ParaflowError as err:
+        print(f"paraflow.serve.instance: {err}", file=sys.stderr)
+        return 2
+    instance = cfg.serve.instance
+    uvicorn.run(app, host=str(instance.host), port=int(instance.port), log_level="warning",
+                timeout_graceful_shutdown=5)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

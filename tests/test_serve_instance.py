@@ -1,0 +1,236 @@
+"""One instance in-process (FastAPI's TestClient, the tiny model): a served image equals the run's
+with the same seed; per-step progress as server-sent events; a client that goes away stops its
+job within a step; bad requests get a 4xx naming the field and never reach the engine; the prompt
+embedding cache spares the text encoder, in the instance and through a real Redis shared by two
+instances, and the service works on when Redis is down."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from paraflow.api import compose, generate
+from paraflow.serve.instance import build
+from tests.conftest import read_images
+from tests.serve_helpers import INSTANCE, counter, free_ports, images_of
+
+URL = "/v1/images/generations"
+
+
+@pytest.fixture(scope="module")
+def app() -> Any:
+    return build([*INSTANCE, "serve.limits.max_steps=400"])[1]
+
+
+@pytest.fixture(scope="module")
+def client(app: Any) -> Iterator[TestClient]:
+    with TestClient(app) as client:
+        yield client
+
+
+def encoder_calls(app: Any) -> list[int]:
+    calls = [0]
+    app.state.engine.pipe.text_encoder.register_forward_hook(
+        lambda *_: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+def test_a_served_image_equals_the_run_with_the_same_seed(client: TestClient,
+                                                          tmp_path: Path) -> None:
+    body = {"prompt": "a red circle on the left", "n": 2, "size": "64x48", "steps": 4,
+            "seed": 7, "guidance_scale": 4.0}
+    answer = client.post(URL, json=body)
+    assert answer.status_code == 200, answer.text
+    assert [d["seed"] for d in answer.json()["data"]] == [7, 8]
+    run = generate(compose(["model=tiny_random", "prompt=a red circle on the left",
+                            "images_per_prompt=2", "width=64", "height=48", "steps=4", "seed=7",
+                            "guidance_scale=4.0", "pipeline.progress=false"]), tmp_path / "run")
+    assert run["n_images"] == 2
+    for served, made in zip(images_of(answer.json()), read_images(tmp_path / "run")):
+        assert served.shape == (48, 64, 3)
+        assert np.array_equal(served, made)  # the same code path: bit-identical
+
+
+def test_progress_events_then_the_image(client: TestClient) -> None:
+    body = {"prompt": "a blue square", "steps": 5, "seed": 3}
+    events = []
+    with client.stream("POST", URL, json={**body, "stream": True}) as stream:
+        assert stream.headers["content-type"].startswith("text/event-stream")
+        kind = None
+        for line in stream.iter_lines():
+            if line.startswith("event:"):
+                kind = line.split(":", 1)[1].strip()
+            elif line.startswith("data:"):
+                events.append((kind, json.loads(line.split(":", 1)[1])))
+    assert [e["step"] for k, e in events if k == "progress"] == [1, 2, 3, 4, 5]
+    kind, result = events[-1]
+    assert kind == "result"
+    plain = client.post(URL, json=body).json()
+    assert np.array_equal(images_of(result)[0], images_of(plain)[0])
+
+
+def test_a_client_that_goes_away_stops_its_job_within_a_step(app: Any,
+                                                             client: TestClient) -> None:
+    engine = app.state.engine
+    body = {"prompt": "a green triangle", "size": "256x256", "steps": 400, "stream": True}
+    with client.stream("POST", URL, json=body) as stream:
+        for line in stream.iter_lines():
+            if line.startswith("data:") and json.loads(line[5:])["step"] >= 2:
+                break
+        at_close = counter(app, "paraflow_denoise_steps_total")
+    deadline = time.monotonic() + 60
+    while engine.running is not None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    ran_after = counter(app, "paraflow_denoise_steps_total") - at_close
+    print(f"steps run after the client closed its stream: {ran_after:.0f} (of 400)")
+    assert engine.running is None and ran_after <= 2  # the step in flight, then the check
+    assert counter(app, "paraflow_errors_total") >= 1  # counted as cancelled
+    assert client.post(URL, json={"prompt": "a red circle", "steps": 2}).status_code == 200
+
+
+BAD = [  # (body or raw, headers, status, field named in the answer)
+    ({"prompt": "x", "colour": "red"}, {}, 400, "colour"),
+    ({"prompt": ""}, {}, 400, "prompt"),
+    ({"prompt": ["a", "b"]}, {}, 400, "prompt"),
+    ({"size": "64x64"}, {}, 400, "prompt"),
+    ({"prompt": "x", "n": "2"}, {}, 400, "n"),
+    ({"prompt": "x", "n": 0}, {}, 400, "n"),
+    ({"prompt": "x", "n": 5}, {}, 400, "n"),
+    ({"prompt": "x", "steps": 3.5}, {}, 400, "steps"),
+    ({"prompt": "x", "steps": 401}, {}, 400, "steps"),
+    ({"prompt": "x", "size": "64"}, {}, 400, "size"),
+    ({"prompt": "x", "size": "65x64"}, {}, 400, "size"),
+    ({"prompt": "x", "size": "2048x2048"}, {}, 400, "size"),
+    ({"prompt": "x", "response_format": "url"}, {}, 400, "response_format"),
+    ({"prompt": "x", "seed": -1}, {}, 400, "seed"),
+    ({"prompt": "x", "guidance_scale": 99}, {}, 400, "guidance_scale"),
+    ({"prompt": "x", "scheduler": "lms"}, {}, 400, "scheduler"),
+    ({"prompt": "x", "model": "sdxl"}, {}, 400, "model"),
+    ([1, 2], {}, 400, "body"),
+    (b"{not json", {"content-type": "application/json"}, 400, "body"),
+    (b'{"prompt": "x"}', {"content-type": "text/plain"}, 415, "content-type"),
+    (b'{"prompt": "' + b"x" * 70000 + b'"}', {"content-type": "application/json"}, 413, "body"),
+]
+
+
+@pytest.mark.parametrize(("body", "headers", "status", "field"), BAD,
+                         ids=[f"{s}-{f}-{i}" for i, (_, _, s, f) in enumerate(BAD)])
+def test_a_bad_request_is_refused_before_the_engine(app: Any, client: TestClient, body: Any,
+                                                    headers: dict[str, str], status: int,
+                                                    field: str) -> None:
+    steps = counter(app, "paraflow_denoise_steps_total")
+    if isinstance(body, bytes):
+        answer = client.post(URL, content=body, headers=headers)
+    else:
+        answer = client.post(URL, json=body, headers=headers)
+    assert answer.status_code == status, answer.text
+    error = answer.json()["error"]
+    assert error["param"] == field and error["message"], error
+    assert counter(app, "paraflow_denoise_steps_total") == steps  # never reached a device
+
+
+def test_the_api_key_is_required_when_set() -> None:
+    app = build([*INSTANCE, "serve.api_key=s3cret"])[1]
+    with TestClient(app) as client:
+        body = {"prompt": "x", "steps": 1}
+        for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": "s3cret"}):
+            answer = client.post(URL, json=body, headers=headers)
+            assert answer.status_code == 401 and answer.json()["error"]["param"] == "authorization"
+        assert client.post(URL, json=body, headers={"authorization": "Bearer s3cret"}
+                           ).status_code == 200
+
+
+def test_health_readiness_metrics_and_instance(client: TestClient) -> None:
+    assert client.get("/healthz").json() == {"alive": True}
+    assert client.get("/readyz").status_code == 200
+    info = client.get("/v1/instance").json()
+    assert info["model"] == "tiny_random" and info["limits"]["multiple"] == 8
+    text = client.get("/metrics").text
+    for name in ("paraflow_queue_depth", "paraflow_in_flight", "paraflow_request_seconds_bucket",
+                 "paraflow_images_total", "paraflow_denoise_steps_total",
+                 "paraflow_device_memory_bytes"):
+        assert name in text, name
+
+
+def test_a_repeated_prompt_does_not_run_the_text_encoder(app: Any, client: TestClient) -> None:
+    calls = encoder_calls(app)
+    body = {"prompt": "a cyan ring in the center", "steps": 1}
+    assert client.post(URL, json={**body, "seed": 1}).status_code == 200
+    once = calls[0]  # diffusers' encode_prompt: the prompt, then the negative branch
+    assert once == 2
+    for seed in (2, 3):
+        assert client.post(URL, json={**body, "seed": seed}).status_code == 200
+    assert calls[0] == once  # from the cache
+    assert client.post(URL, json={**body, "negative_prompt": "red"}).status_code == 200
+    assert calls[0] == 2 * once  # another negative prompt is another embedding
+
+
+@pytest.fixture
+def redis_url(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    binary = shutil.which("redis-server")
+    assert binary is not None, "redis-server is needed (Debian: apt-get install redis-server)"
+    port = free_ports(1)[0]
+    server = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                               "--appendonly", "no", "--dir", str(tmp_path)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    import redis
+
+    client = redis.Redis(port=port)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            client.ping()
+            break
+        except redis.ConnectionError:
+            time.sleep(0.05)
+    try:
+        yield f"redis://127.0.0.1:{port}/0", server
+    finally:
+        server.kill()
+        server.wait()
+
+
+def test_two_instances_share_embeddings_through_redis_and_survive_it_going(
+        redis_url: tuple[str, subprocess.Popen[bytes]]) -> None:
+    url, server = redis_url
+    first, second = (build([*INSTANCE, f"serve.cache.redis_url={url}"])[1] for _ in range(2))
+    calls = [encoder_calls(first), encoder_calls(second)]
+    body = {"prompt": "two purple stars at the top", "steps": 1}
+    with TestClient(first) as a, TestClient(second) as b:
+        assert a.post(URL, json=body).status_code == 200
+        assert b.post(URL, json=body).status_code == 200
+        assert calls[0][0] == 2 and calls[1][0] == 0  # the second read the first's from Redis
+        assert counter(second, "paraflow_embedding_cache_total") >= 1
+        server.kill()
+        server.wait()
+        fresh = {"prompt": "a brown diamond at the bottom", "steps": 1}
+        assert b.post(URL, json=fresh).status_code == 200  # works on without the shared cache
+        assert calls[1][0] == 2
+        assert "paraflow_redis_up 0.0" in b.get("/metrics").text
+
+
+def test_one_job_at_a_time_and_the_queue_bound(app: Any) -> None:
+    """The worker runs jobs in order; a full queue answers Busy (429 at the HTTP layer)."""
+    from paraflow.serve.engine import Busy, Job
+    from paraflow.serve.requests import ImagesRequest
+
+    engine = app.state.engine
+    blocker = threading.Event()
+    slow = Job(ImagesRequest(prompt="a", steps=3), 64, 64, 0,
+               on_progress=lambda _: blocker.wait(30))
+    futures = [engine.submit(slow)]
+    with pytest.raises(Busy):
+        for seed in range(engine.jobs.maxsize + 1):
+            futures.append(engine.submit(Job(ImagesRequest(prompt="a", steps=1), 64, 64, seed)))
+    blocker.set()
+    assert all(len(f.result(60)) == 1 for f in futures)
