@@ -8,7 +8,6 @@ process behind. Everything on loopback, on free ports."""
 from __future__ import annotations
 
 import base64
-import json
 import os
 import signal
 import subprocess
@@ -25,9 +24,10 @@ import pytest
 
 from paraflow.serve.engine import Job
 from paraflow.serve.instance import build
+from paraflow.serve.local import LocalService, free_ports, server_up
 from paraflow.serve.requests import ImagesRequest
 from tests.conftest import REPO
-from tests.serve_helpers import free_ports, images_of
+from tests.serve_helpers import images_of
 
 pytestmark = pytest.mark.slow
 MODEL = ["model=tiny_random", "serve.instance.warmup=false"]
@@ -38,52 +38,23 @@ def body(i: int) -> dict[str, Any]:
     return {"prompt": PROMPTS[i % len(PROMPTS)], "seed": i, "steps": 3, "size": "64x64"}
 
 
-class Service:
-    def __init__(self, run_dir: Path, extra: list[str]) -> None:
-        front, stats, base = free_ports(3)
-        self.run_dir, self.url = run_dir, f"http://127.0.0.1:{front}"
-        self.stats = f"http://127.0.0.1:{stats}/metrics"
-        args = [*MODEL, "launcher.devices=2", "launcher.threads_per_rank=1",
-                f"output_dir={run_dir}", f"serve.front.port={front}",
-                f"serve.front.stats_port={stats}", f"serve.instance.base_port={base}",
-                "serve.restart_backoff_s=0.2", *extra]
-        self.process = subprocess.Popen([sys.executable, "-m", "paraflow.serve", *args],
-                                        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+class Service(LocalService):
+    """The service on the tiny model, with a fast restart, that checks it leaves nothing."""
 
-    def wait_ready(self, timeout: float = 120) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(self.process.stdout.read().decode() if self.process.stdout
-                                   else "paraflow.serve exited")
-            if all(self.server_up(name) for name in ("i0", "i1")):
-                return
-            time.sleep(0.2)
-        raise TimeoutError("the service did not come up")
+    def __init__(self, run_dir: Path, extra: list[str]) -> None:
+        super().__init__(run_dir, 2, [*MODEL, "launcher.threads_per_rank=1",
+                                      "serve.restart_backoff_s=0.2", *extra], cwd=REPO)
 
     def server_up(self, name: str) -> bool:
-        try:
-            text = httpx.get(self.stats, timeout=2).text
-        except httpx.HTTPError:
-            return False
-        return (f'haproxy_server_status{{proxy="instances",server="{name}",state="UP"}} 1'
-                in text)
+        return server_up(self.exporter, name)
 
-    def children(self) -> dict[str, int]:
-        rows = json.loads((self.run_dir / "instances.json").read_text())
-        return {r["name"]: r["pid"] for r in rows}
-
-    def events(self) -> list[dict[str, Any]]:
-        return [json.loads(line) for line in (self.run_dir / "events.jsonl").read_text()
-                .splitlines()]
-
-    def stop(self) -> None:
+    def stop(self, timeout_s: float = 30) -> int:
         pids = list(self.children().values())
-        self.process.send_signal(signal.SIGTERM)
-        self.process.wait(30)
+        code = super().stop(timeout_s)
         for pid in pids:  # nothing left running
             with pytest.raises(ProcessLookupError):
                 os.kill(pid, 0)
+        return code
 
 
 @pytest.fixture(scope="module")
@@ -178,6 +149,50 @@ def test_past_the_queue_bound_clients_get_429_and_the_service_recovers(
 def test_sigterm_stops_every_process(tmp_path: Path) -> None:
     run = Service(tmp_path / "run", [])
     run.wait_ready()
-    run.stop()
-    assert run.process.returncode == 0
+    assert run.stop() == 0
     assert run.events()[-1]["event"] == "stopped"
+
+
+def _metric(url: str, name: str) -> float:
+    text = httpx.get(f"{url}/metrics", timeout=5).text
+    return sum(float(line.split()[-1]) for line in text.splitlines()
+               if line.startswith(name + " ") or line.startswith(name + "{"))
+
+
+def test_a_slow_instance_gets_less_work_than_round_robin_would_give_it(tmp_path: Path) -> None:
+    from paraflow.api import compose
+    from paraflow.serve.engine import SLOW_ENV
+    from paraflow.serve.haproxy import haproxy_config
+
+    front, stats, fast, slow = free_ports(4)
+    processes = []
+    try:
+        for port, delay in ((fast, "0"), (slow, "0.2")):
+            env = {**os.environ, SLOW_ENV: delay}
+            processes.append(subprocess.Popen(
+                [sys.executable, "-m", "paraflow.serve.instance", *MODEL,
+                 "launcher.threads_per_rank=1", f"serve.instance.port={port}"],
+                cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        serve = compose([f"serve.front.port={front}", f"serve.front.stats_port={stats}"]).serve
+        config = tmp_path / "haproxy.cfg"
+        config.write_text(haproxy_config(serve, [("fast", f"127.0.0.1:{fast}"),
+                                                 ("slow", f"127.0.0.1:{slow}")]))
+        processes.append(subprocess.Popen(["haproxy", "-db", "-f", str(config)],
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        exporter = f"http://127.0.0.1:{stats}/metrics"
+        deadline = time.monotonic() + 120
+        while not all(server_up(exporter, n) for n in ("fast", "slow")):
+            assert time.monotonic() < deadline, "the instances did not come up"
+            time.sleep(0.2)
+        answers = post_all(f"http://127.0.0.1:{front}", range(40), clients=4)
+        assert all(a.status_code == 200 for a in answers.values())
+        made = {name: _metric(f"http://127.0.0.1:{port}", "paraflow_images_total")
+                for name, port in (("fast", fast), ("slow", slow))}
+        print(f"40 requests, 4 clients: fast instance {made['fast']:.0f}, slow (0.2 s more per "
+              f"step) {made['slow']:.0f}; round-robin would give 20 each")
+        assert made["fast"] + made["slow"] == 40
+        assert made["slow"] <= 10  # at most half its round-robin share
+    finally:
+        for process in processes:
+            process.kill()
+            process.wait()

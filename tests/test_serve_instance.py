@@ -21,8 +21,9 @@ from fastapi.testclient import TestClient
 
 from paraflow.api import compose, generate
 from paraflow.serve.instance import build
+from paraflow.serve.local import free_ports
 from tests.conftest import read_images
-from tests.serve_helpers import INSTANCE, counter, free_ports, images_of
+from tests.serve_helpers import INSTANCE, counter, images_of
 
 URL = "/v1/images/generations"
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import io
+import os
 import queue
 import secrets
 import threading
@@ -38,6 +39,8 @@ from paraflow.serve.metrics import InstanceMetrics
 from paraflow.serve.requests import ImagesRequest, ServedLimits
 from paraflow.stages.encode import EncodePrompt
 from paraflow.validate import model_factor, resolve_accelerator, validate
+
+SLOW_ENV = "PARAFLOW_SERVE_STEP_DELAY_S"  # tests: make this instance slower by s per step
 
 
 class Cancelled(Exception):
@@ -185,6 +188,14 @@ class Engine:
                 job.on_progress({"step": done, "steps": of, "images": len(ids)})
             if job.cancelled.is_set():
                 raise Cancelled(f"cancelled after step {done} of {of}")
+
+        delay = float(os.environ.get(SLOW_ENV, "0"))
+        if delay > 0:  # an injected slow device (tests of the front door's routing)
+            report = on_step
+
+            def on_step(done: int, of: int) -> None:
+                time.sleep(delay)
+                report(done, of)
 
         env.on_step = on_step
         with torch.inference_mode():
