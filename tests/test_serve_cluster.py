@@ -196,3 +196,36 @@ def test_a_slow_instance_gets_less_work_than_round_robin_would_give_it(tmp_path:
         for process in processes:
             process.kill()
             process.wait()
+
+
+def test_a_rank_group_instance_equals_one_device_and_comes_back_whole(
+        tmp_path: Path, alone: Any) -> None:
+    group = LocalService(tmp_path / "group", 1, [*MODEL, "+strategy=sync_patch",
+                                                 "launcher.threads_per_rank=1",
+                                                 "serve.restart_backoff_s=0.2"],
+                         cwd=REPO, ranks_per_instance=2)
+    try:
+        group.wait_ready()
+        answers = post_all(group.url, range(4), clients=2)
+        for i, answer in answers.items():
+            assert answer.status_code == 200, answer.text
+            served = images_of(answer.json())[0].astype(int)
+            # sync_patch is exact (latents within 1e-4 of one device): pixels within 1 level
+            assert np.abs(served - alone(i).astype(int)).max() <= 1, i
+        tall = httpx.post(f"{group.url}/v1/images/generations", timeout=120,
+                          json={**body(0), "size": "64x128"})  # another size, no restart
+        assert tall.status_code == 200 and images_of(tall.json())[0].shape == (128, 64, 3)
+        ranks = httpx.get(f"{group.instance_url(0)}/v1/instance", timeout=5).json()["ranks"]
+        assert len(ranks) == 2
+        os.kill(ranks[1], signal.SIGKILL)  # one rank of the group
+        deadline = time.monotonic() + 60
+        while server_up(group.exporter, "i0") and time.monotonic() < deadline:
+            time.sleep(0.05)  # the whole instance is taken out
+        assert not server_up(group.exporter, "i0")
+        group.wait_ready(timeout_s=180)  # restarted whole, readmitted
+        again = httpx.get(f"{group.instance_url(0)}/v1/instance", timeout=5).json()["ranks"]
+        assert len(again) == 2 and not set(again) & set(ranks)
+        assert httpx.post(f"{group.url}/v1/images/generations", json=body(1),
+                          timeout=120).status_code == 200
+    finally:
+        group.stop()

@@ -173,6 +173,7 @@ def create_app(engine: Engine) -> FastAPI:
     def instance() -> dict[str, Any]:
         running = engine.running
         return {"model": engine.limits.model, "ready": engine.ready.is_set(),
+                "strategy": engine.strategy.mode, "ranks": engine.rank_pids,
                 "queue_depth": engine.jobs.qsize(), "in_flight": int(running is not None),
                 "limits": {"multiple": engine.limits.multiple,
                            "max_side": engine.limits.max_side,

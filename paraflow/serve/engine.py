@@ -41,6 +41,8 @@ from paraflow.stages.encode import EncodePrompt
 from paraflow.validate import model_factor, resolve_accelerator, validate
 
 SLOW_ENV = "PARAFLOW_SERVE_STEP_DELAY_S"  # tests: make this instance slower by s per step
+PING_S = 5.0  # an idle rank group's heartbeat (well inside launcher.timeout_s)
+PING, STOP = "ping", "stop"
 
 
 class Cancelled(Exception):
@@ -80,27 +82,31 @@ def _cached_encode(cfg: DictConfig) -> None:
 
 
 class Engine:
+    """One instance's pipeline. With `ctx` of a rank group (paraflow/serve/group.py) every rank
+    builds one: rank 0's takes the jobs and hands each to its peers, which `follow`."""
+
     def __init__(self, cfg: DictConfig, schedulers: dict[str, DictConfig],
-                 metrics: InstanceMetrics | None = None) -> None:
-        if int(cfg.serve.instance.devices) != 1:
-            raise ParaflowError(f"serve.instance.devices={cfg.serve.instance.devices}: "
-                                "instances are one device each for now (rank-group instances "
-                                "are not built yet); use serve.instance.devices=1")
+                 metrics: InstanceMetrics | None = None,
+                 ctx: ParallelContext | None = None) -> None:
         self.cfg = cfg.copy()
-        with open_dict(self.cfg):
-            self.cfg.launcher.devices, self.cfg.launcher.num_nodes = 1, 1  # this instance's
+        with open_dict(self.cfg):  # this instance's ranks, not the whole service's
+            self.cfg.launcher.devices = int(cfg.serve.instance.devices)
+            self.cfg.launcher.num_nodes = 1
         _cached_encode(self.cfg)
         validate(self.cfg, None)
         self.metrics = metrics or InstanceMetrics()
-        self.device = torch.device(resolve_accelerator(cfg))
-        if cfg.launcher.threads_per_rank is not None:
+        self.device = ctx.device if ctx is not None else torch.device(resolve_accelerator(cfg))
+        if ctx is None and cfg.launcher.threads_per_rank is not None:
             torch.set_num_threads(int(cfg.launcher.threads_per_rank))
+        self.ctx = ctx or ParallelContext.single(self.device)
+        if self.ctx.world_size != int(self.cfg.launcher.devices):
+            raise ParaflowError(f"serve.instance.devices={self.cfg.launcher.devices}, but the "
+                                f"instance has {self.ctx.world_size} rank(s)")
         self.pipe = load_pipeline(cfg.model, cfg.scheduler)
         self.schedulers = {name: self._scheduler(s) for name, s in schedulers.items()}
         self.default_scheduler = str(cfg.scheduler.name)
         self.schedulers.setdefault(self.default_scheduler, self.pipe.scheduler)
-        self.strategy = build_strategy(None)  # one device
-        self.ctx = ParallelContext.single(self.device)
+        self.strategy = build_strategy(self.cfg.strategy)
         self.strategy.setup(self.ctx)
         self.strategy.parallelize(self.pipe, self.ctx)
         self.graph = StageGraph.from_config(self.cfg.pipeline.stages)
@@ -112,9 +118,10 @@ class Engine:
                                    int(limits.max_side), int(limits.max_images),
                                    int(limits.max_steps), int(limits.max_prompt_chars),
                                    tuple(self.schedulers))
-        self.jobs: queue.Queue[Job] = queue.Queue(maxsize=int(serve.instance.max_queue))
+        self.jobs: queue.Queue[Job | None] = queue.Queue(maxsize=int(serve.instance.max_queue))
         self.ready = threading.Event()
         self.running: Job | None = None
+        self.rank_pids = [int(p) for p in self.ctx.comm.gather_objects(os.getpid())]
         self.worker = threading.Thread(target=self._work, name="paraflow-engine", daemon=True)
 
     def _scheduler(self, spec: DictConfig) -> Any:
@@ -142,8 +149,15 @@ class Engine:
 
     def _work(self) -> None:
         while True:
-            job = self.jobs.get()
+            try:
+                job = self.jobs.get(timeout=PING_S)
+            except queue.Empty:  # idle: show the peers rank 0 is alive (their wait ends)
+                self._tell_peers(PING)
+                continue
             self.metrics.queue_depth.set(self.jobs.qsize())
+            if job is None:  # stop
+                self._tell_peers(STOP)
+                return
             if job.cancelled.is_set():  # gone before it started
                 job.future.cancel()
             if not job.future.set_running_or_notify_cancel():
@@ -151,6 +165,8 @@ class Engine:
             self.running = job
             self.metrics.in_flight.set(1)
             try:
+                self._tell_peers({"request": job.request.model_dump(), "width": job.width,
+                                  "height": job.height, "seed": job.seed})
                 job.future.set_result(self.run(job))
             except Exception as err:  # the job's failure is its answer; the worker goes on
                 job.future.set_exception(err)
@@ -158,6 +174,31 @@ class Engine:
                 self.running = None
                 self.metrics.in_flight.set(0)
                 self.metrics.sample_device(self.device)
+
+    def stop(self) -> None:
+        """Finish the queued jobs, then stop the worker (and the peers)."""
+        self.jobs.put(None)
+        self.worker.join()
+
+    def _tell_peers(self, message: object) -> None:
+        if self.ctx.world_size > 1:
+            self.ctx.comm.gather_objects(message)  # an all-gather: the peers read rank 0's
+
+    def follow(self) -> None:
+        """A peer rank: run what rank 0 hands over, until it says stop."""
+        while True:
+            message = self.ctx.comm.gather_objects(None)[0]
+            if message == STOP:
+                return
+            if message == PING:
+                continue
+            assert isinstance(message, dict)
+            job = Job(ImagesRequest(**message["request"]), message["width"],
+                      message["height"], message["seed"])
+            try:
+                self.run(job)
+            except Cancelled:
+                pass
 
     def run_config(self, job: Job) -> DictConfig:
         r = job.request
@@ -178,15 +219,16 @@ class Engine:
                           (latent_channels(self.pipe), job.height // factor, job.width // factor))
         env = StageEnv(cfg=cfg, ctx=self.ctx, pipe=self.pipe, strategy=self.strategy, sink=sink,
                        services={SERVICE: self.cache})
-        ids = list(range(job.request.n))
+        n = job.request.n
+        ids = self.strategy.assign_images(n, self.ctx)
         batch = int(cfg.pipeline.max_batch)
 
         def on_step(done: int, of: int) -> None:
             job.steps_run += 1
             self.metrics.steps.inc()
             if job.on_progress is not None:
-                job.on_progress({"step": done, "steps": of, "images": len(ids)})
-            if job.cancelled.is_set():
+                job.on_progress({"step": done, "steps": of, "images": n})
+            if self._stop_here(job):
                 raise Cancelled(f"cancelled after step {done} of {of}")
 
         delay = float(os.environ.get(SLOW_ENV, "0"))
@@ -202,8 +244,19 @@ class Engine:
             for first in range(0, len(ids), batch):
                 chunk = ids[first:first + batch]
                 self.graph.run(env, {"prompts": [cfg.prompt] * len(chunk), "image_ids": chunk})
-        self.metrics.images.inc(len(ids))
-        return [png(sink.images[i]) for i in ids]
+            gathered = self.strategy.gather(sink, self.ctx)
+        if not self.ctx.is_main:
+            return []
+        self.metrics.images.inc(n)
+        return [png(gathered.images[i]) for i in range(n)]
+
+    def _stop_here(self, job: Job) -> bool:
+        """Whether to stop after this step: rank 0's cancellation, agreed by every rank (they
+        must leave the step loop together)."""
+        if self.ctx.world_size == 1:
+            return job.cancelled.is_set()
+        flag = torch.tensor([1.0 if job.cancelled.is_set() else 0.0], device=self.device)
+        return bool(self.ctx.comm.all_reduce(flag).item() > 0)
 
 
 def new_seed() -> int:

@@ -39,13 +39,14 @@ def server_up(exporter: str, name: str) -> bool:
 
 class LocalService:
     def __init__(self, run_dir: Path, instances: int, overrides: Sequence[str] = (),
-                 cwd: Path | None = None) -> None:
+                 cwd: Path | None = None, ranks_per_instance: int = 1) -> None:
         front, stats, base = free_ports(3)
         self.run_dir, self.instances = run_dir, instances
         self.url = f"http://127.0.0.1:{front}"
         self.exporter = f"http://127.0.0.1:{stats}/metrics"
         self.base_port = base
-        args = [f"launcher.devices={instances}", f"output_dir={run_dir}",
+        args = [f"launcher.devices={instances * ranks_per_instance}",
+                f"serve.instance.devices={ranks_per_instance}", f"output_dir={run_dir}",
                 f"serve.front.port={front}", f"serve.front.stats_port={stats}",
                 f"serve.instance.base_port={base}", *overrides]
         self.process = subprocess.Popen([sys.executable, "-m", "paraflow.serve", *args], cwd=cwd,
