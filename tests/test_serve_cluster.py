@@ -229,3 +229,48 @@ def test_a_rank_group_instance_equals_one_device_and_comes_back_whole(
                           timeout=120).status_code == 200
     finally:
         group.stop()
+
+
+def test_the_page_in_chromium_shows_progress_the_image_and_the_instances(
+        service: Service) -> None:
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service as Driver
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = "/usr/bin/chromium"  # Debian's; nothing is downloaded
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage"):
+        options.add_argument(flag)
+    browser = webdriver.Chrome(service=Driver("/usr/bin/chromedriver"), options=options)
+    try:
+        browser.get(service.url + "/")
+        wait = WebDriverWait(browser, 60)
+        wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, "#instances tr")) == 2)
+        rows = {r.get_attribute("data-name"): r.text
+                for r in browser.find_elements(By.CSS_SELECTOR, "#instances tr")}
+        assert set(rows) == {"i0", "i1"} and all(" up " in f" {t} " for t in rows.values())
+        prompt = browser.find_element(By.ID, "prompt")
+        prompt.clear()
+        prompt.send_keys("a blue square on the left")
+        Select(browser.find_element(By.ID, "size")).select_by_visible_text("64x64")
+        steps = browser.find_element(By.ID, "steps")
+        steps.clear()
+        steps.send_keys("8")
+        browser.find_element(By.ID, "seed").send_keys("5")
+        browser.find_element(By.ID, "go").click()
+        try:
+            wait.until(lambda b: (b.find_element(By.ID, "image").get_attribute("src") or "")
+                       .startswith("data:image/png;base64,"))
+        except Exception:
+            status = browser.find_element(By.ID, "status").text
+            error = browser.find_element(By.ID, "error").text
+            raise AssertionError(f"no image: status {status!r}, error {error!r}") from None
+        assert browser.find_element(By.TAG_NAME, "body").get_attribute("data-events") == "8"
+        assert browser.find_element(By.ID, "status").text == "done (seed 5)"
+        shown = browser.find_element(By.ID, "image").get_attribute("src").split(",", 1)[1]
+        direct = httpx.post(f"{service.url}/v1/images/generations", timeout=60, json={
+            "prompt": "a blue square on the left", "size": "64x64", "steps": 8, "seed": 5})
+        assert shown == direct.json()["data"][0]["b64_json"]  # the same PNG
+    finally:
+        browser.quit()

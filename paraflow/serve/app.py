@@ -1,6 +1,6 @@
 """An instance's HTTP API (FastAPI): `POST /v1/images/generations` (JSON or server-sent events),
-`/healthz` (liveness), `/readyz` (loaded and warmed up), `/metrics` (Prometheus) and
-`/v1/instance` (what it serves, how busy it is).
+`/healthz` (liveness), `/readyz` (loaded and warmed up), `/metrics` (Prometheus),
+`/v1/instance` (what it serves, how busy it is) and `/`, a page (page.html).
 
 Every check runs here, before a job is queued: the API key (constant-time comparison), the body
 size, JSON, the fields (requests.py), the instance's limits and the run's own `validate`. A client
@@ -15,10 +15,11 @@ import json
 import time
 from base64 import b64encode
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sse_starlette import EventSourceResponse
 
@@ -154,6 +155,12 @@ def create_app(engine: Engine) -> FastAPI:
                 job.cancelled.set()
                 metrics.errors.labels(kind="cancelled").inc()
                 future.add_done_callback(_settled)
+
+    page = (Path(__file__).parent / "page.html").read_text()
+
+    @app.get("/", response_class=HTMLResponse)
+    def index() -> str:
+        return page  # a prompt form, live progress, the image, the instances
 
     @app.get("/healthz")
     def healthz() -> JSONResponse:

@@ -21,10 +21,13 @@ from collections.abc import Sequence
 from omegaconf import DictConfig
 
 BACKEND = "instances"
+STATUS_PATH = "/v1/instances"
 
 
-def haproxy_config(serve: DictConfig, servers: Sequence[tuple[str, str]]) -> str:
-    """The config text for `servers` [(name, host:port), ...]."""
+def haproxy_config(serve: DictConfig, servers: Sequence[tuple[str, str]],
+                   status: str | None = None) -> str:
+    """The config text for `servers` [(name, host:port), ...]; `status`: the supervisor's
+    host:port, which answers /v1/instances (the page's view of every instance)."""
     front = serve.front
     timeout = f"{int(float(front.timeout_s) * 1000)}ms"
     bufsize = max(16384, 2 * int(serve.limits.max_body_bytes))
@@ -52,8 +55,10 @@ def haproxy_config(serve: DictConfig, servers: Sequence[tuple[str, str]]) -> str
         f"    http-request return status 429 content-type application/json string '{busy}' "
         f"hdr Retry-After {int(front.retry_after_s)} if {{ queue({BACKEND}) ge "
         f"{int(front.max_queue)} }}",
+        *([f"    use_backend status if {{ path {STATUS_PATH} }}"] if status else []),
         f"    default_backend {BACKEND}",
         "",
+        *(["backend status", f"    server supervisor {status}", ""] if status else []),
         f"backend {BACKEND}",
         "    balance leastconn",
         "    option httpchk GET /readyz",

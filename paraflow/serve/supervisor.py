@@ -5,7 +5,8 @@ CUDA_VISIBLE_DEVICES set to its devices), logging to instance-i.log in the run f
 instance that exits is restarted after a backoff that doubles up to serve.restart_backoff_max_s
 (reset once it has stayed up a minute); one not ready within serve.ready_timeout_s is killed and
 restarted; HAProxy takes it back once its /readyz answers. SIGTERM or SIGINT stops everything,
-instances first, and waits for every process. What happens is appended to events.jsonl.
+instances first, and waits for every process. What happens is appended to events.jsonl; the
+instances' state is served at /v1/instances (through HAProxy) for the page.
 """
 
 from __future__ import annotations
@@ -20,13 +21,14 @@ import time
 import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import IO, Any
 
 from omegaconf import DictConfig
 
 from paraflow.errors import ParaflowError
-from paraflow.serve.haproxy import haproxy_config
+from paraflow.serve.haproxy import STATUS_PATH, haproxy_config
 
 POLL_S = 0.2
 STABLE_S = 60.0  # up this long: the next crash starts the backoff afresh
@@ -64,6 +66,25 @@ class Child:
                 pass
 
 
+def _status_handler(supervisor: Supervisor) -> type[BaseHTTPRequestHandler]:
+    class Status(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            if self.path.split("?")[0] != STATUS_PATH:
+                self.send_error(404)
+                return
+            body = json.dumps({"instances": supervisor.view()}).encode()
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            return None  # HAProxy's log is the access log
+
+    return Status
+
+
 def _answers(url: str) -> bool:
     try:
         with urllib.request.urlopen(url, timeout=1.0) as reply:
@@ -98,8 +119,10 @@ class Supervisor:
         servers = [(c.name, f"{host}:{int(serve.instance.base_port) + i}")
                    for i, c in enumerate(self.instances)]
         servers += [(f"remote{i}", str(address)) for i, address in enumerate(serve.remote)]
+        self.status = ThreadingHTTPServer((host, 0), _status_handler(self))
+        status = f"{host}:{self.status.server_address[1]}"
         config = run_dir / "haproxy.cfg"
-        config.write_text(haproxy_config(serve, servers))
+        config.write_text(haproxy_config(serve, servers, status))
         self.haproxy = Child("haproxy", [str(serve.front.binary), "-db", "-f", str(config)],
                              dict(os.environ), run_dir / "haproxy.log")
         self.stopping = threading.Event()
@@ -118,7 +141,25 @@ class Supervisor:
         tmp.write_text(json.dumps(rows, indent=1))
         tmp.replace(self.run_dir / "instances.json")
 
+    def view(self) -> list[dict[str, Any]]:
+        """Every instance as the page shows it: health, restarts, queue (asked of each)."""
+        rows = []
+        for child in self.instances:
+            row: dict[str, Any] = {"name": child.name, "up": child.alive() and child.ready,
+                                   "restarts": child.restarts}
+            if row["up"] and child.ready_url is not None:
+                try:
+                    url = child.ready_url.replace("/readyz", "/v1/instance")
+                    with urllib.request.urlopen(url, timeout=0.5) as reply:
+                        info = json.loads(reply.read())
+                    row.update(queue_depth=info["queue_depth"], in_flight=info["in_flight"])
+                except (OSError, ValueError, KeyError):
+                    row["up"] = False
+            rows.append(row)
+        return rows
+
     def start(self) -> None:
+        threading.Thread(target=self.status.serve_forever, daemon=True).start()
         for child in [*self.instances, self.haproxy]:
             child.start()
             self.event("start", name=child.name, pid=child.process.pid if child.process else None)
@@ -179,4 +220,6 @@ class Supervisor:
                 except subprocess.TimeoutExpired:
                     child.stop(signal.SIGKILL)
                     child.process.wait()
+        self.status.shutdown()
+        self.status.server_close()
         self.event("stopped")
