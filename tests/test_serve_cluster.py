@@ -200,7 +200,7 @@ def test_a_slow_instance_gets_less_work_than_round_robin_would_give_it(tmp_path:
 
 def test_a_rank_group_instance_equals_one_device_and_comes_back_whole(
         tmp_path: Path, alone: Any) -> None:
-    group = LocalService(tmp_path / "group", 1, [*MODEL, "+strategy=sync_patch",
+    group = LocalService(tmp_path / "group", 2, [*MODEL, "+strategy=sync_patch",
                                                  "launcher.threads_per_rank=1",
                                                  "serve.restart_backoff_s=0.2"],
                          cwd=REPO, ranks_per_instance=2)
@@ -215,7 +215,7 @@ def test_a_rank_group_instance_equals_one_device_and_comes_back_whole(
         tall = httpx.post(f"{group.url}/v1/images/generations", timeout=120,
                           json={**body(0), "size": "64x128"})  # another size, no restart
         assert tall.status_code == 200 and images_of(tall.json())[0].shape == (128, 64, 3)
-        ranks = httpx.get(f"{group.instance_url(0)}/v1/instance", timeout=5).json()["ranks"]
+        ranks = httpx.get(f"{group.instance_url('i0')}/v1/instance", timeout=5).json()["ranks"]
         assert len(ranks) == 2
         os.kill(ranks[1], signal.SIGKILL)  # one rank of the group
         deadline = time.monotonic() + 60
@@ -223,7 +223,7 @@ def test_a_rank_group_instance_equals_one_device_and_comes_back_whole(
             time.sleep(0.05)  # the whole instance is taken out
         assert not server_up(group.exporter, "i0")
         group.wait_ready(timeout_s=180)  # restarted whole, readmitted
-        again = httpx.get(f"{group.instance_url(0)}/v1/instance", timeout=5).json()["ranks"]
+        again = httpx.get(f"{group.instance_url('i0')}/v1/instance", timeout=5).json()["ranks"]
         assert len(again) == 2 and not set(again) & set(ranks)
         assert httpx.post(f"{group.url}/v1/images/generations", json=body(1),
                           timeout=120).status_code == 200
@@ -274,3 +274,28 @@ def test_the_page_in_chromium_shows_progress_the_image_and_the_instances(
         assert shown == direct.json()["data"][0]["b64_json"]  # the same PNG
     finally:
         browser.quit()
+
+
+def test_large_images_go_to_the_rank_group_small_ones_to_single_devices(tmp_path: Path) -> None:
+    routed = LocalService(tmp_path / "routed", 3, [
+        *MODEL, "launcher.threads_per_rank=1", "serve.large.count=1", "serve.large.devices=2",
+        "serve.large.min_pixels=16384", "serve.large.overrides=['+strategy=sync_patch']"], cwd=REPO)
+    try:
+        routed.wait_ready()
+        assert sorted(routed.servers()) == [("L0", "large"), ("i0", "instances")]
+        sizes = ["64x64"] * 6 + ["128x128", "96x256"] * 2  # 4096 px small; 16384, 24576 large
+
+        def one(i: int) -> httpx.Response:
+            return httpx.post(f"{routed.url}/v1/images/generations", timeout=120,
+                              json={**body(i), "size": sizes[i]})
+
+        with ThreadPoolExecutor(3) as pool:
+            answers = list(pool.map(one, range(len(sizes))))
+        assert all(a.status_code == 200 for a in answers), [a.text for a in answers][:2]
+        made = {name: _metric(routed.instance_url(name), "paraflow_images_total")
+                for name in ("i0", "L0")}
+        assert made == {"i0": 6, "L0": 4}, made  # (MODEL: no warm-up image)
+        strategy = httpx.get(f"{routed.instance_url('L0')}/v1/instance").json()["strategy"]
+        assert strategy == "sync_patch"
+    finally:
+        routed.stop()

@@ -12,6 +12,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+from hydra.errors import HydraException
 from omegaconf import OmegaConf
 
 from paraflow.api import compose
@@ -47,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         run_dir = Path(cfg.output_dir or f"outputs/serve-{time.strftime('%Y%m%d-%H%M%S')}")
         run_dir.mkdir(parents=True, exist_ok=True)
         supervisor = Supervisor(cfg, overrides, run_dir.resolve())
-    except ParaflowError as err:
+    except (ParaflowError, HydraException) as err:
         print(f"paraflow.serve: {err}", file=sys.stderr)
         return 2
     signal.signal(signal.SIGTERM, supervisor.stop)

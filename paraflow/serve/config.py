@@ -48,8 +48,21 @@ class FrontConfig:
 
 
 @dataclass
+class LargeConfig:
+    """Instances for large images, routed by size: rank groups, where latency, not throughput,
+    is what the user waits on. Requests of min_pixels (width × height) or more go to them."""
+
+    count: int = 0  # 0: none; every request goes to the serve.instance kind
+    devices: int = 2  # ranks per large instance
+    min_pixels: int = 262144  # 512 × 512
+    overrides: list[str] = field(default_factory=lambda: ["+strategy=distrifusion"])
+    base_port: int = 8151
+
+
+@dataclass
 class ServeConfig:
     instance: InstanceConfig = field(default_factory=InstanceConfig)
+    large: LargeConfig = field(default_factory=LargeConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     front: FrontConfig = field(default_factory=FrontConfig)

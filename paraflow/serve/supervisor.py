@@ -1,7 +1,9 @@
 """`python -m paraflow.serve`: the instances and HAProxy on this machine, kept running.
 
 Instance i is `python -m paraflow.serve.instance` on serve.instance.base_port + i (on CUDA with
-CUDA_VISIBLE_DEVICES set to its devices), logging to instance-i.log in the run folder. An
+CUDA_VISIBLE_DEVICES set to its devices), logging to i<i>.log in the run folder; with
+serve.large.count > 0, large instance j (a rank group, serve.large.overrides) is L<j>, which
+HAProxy sends the requests of serve.large.min_pixels or more. An
 instance that exits is restarted after a backoff that doubles up to serve.restart_backoff_max_s
 (reset once it has stayed up a minute); one not ready within serve.ready_timeout_s is killed and
 restarted; HAProxy takes it back once its /readyz answers. SIGTERM or SIGINT stops everything,
@@ -41,6 +43,7 @@ class Child:
     env: dict[str, str]
     log: Path
     ready_url: str | None = None
+    backend: str = ""  # the HAProxy backend it serves in
     process: subprocess.Popen[bytes] | None = None
     started: float = 0.0
     ready: bool = False
@@ -93,36 +96,63 @@ def _answers(url: str) -> bool:
         return False
 
 
+@dataclass(frozen=True)
+class Kind:
+    """Instances alike: `count` of `ranks` ranks each, from `base_port`, named prefix + i."""
+
+    prefix: str
+    count: int
+    ranks: int
+    base_port: int
+    overrides: tuple[str, ...] = ()
+
+
+def kinds_of(cfg: DictConfig) -> tuple[Kind, Kind]:
+    """(small, large): the devices left after the large instances make small ones."""
+    serve, devices = cfg.serve, int(cfg.launcher.devices)
+    large = Kind("L", int(serve.large.count), int(serve.large.devices),
+                 int(serve.large.base_port), tuple(serve.large.overrides))
+    per, rest = int(serve.instance.devices), devices - large.count * large.ranks
+    if rest < 0 or rest % per or (rest == 0 and large.count == 0):
+        raise ParaflowError(f"launcher.devices={devices}: after serve.large ({large.count} × "
+                            f"{large.ranks} ranks) the {rest} device(s) left do not make "
+                            f"instances of serve.instance.devices={per}")
+    return Kind("i", rest // per, per, int(serve.instance.base_port)), large
+
+
 class Supervisor:
     def __init__(self, cfg: DictConfig, overrides: Sequence[str], run_dir: Path) -> None:
         self.cfg, self.run_dir = cfg, run_dir
         serve = cfg.serve
-        per = int(serve.instance.devices)
-        devices = int(cfg.launcher.devices)
-        if devices < per or devices % per:
-            raise ParaflowError(f"launcher.devices={devices} does not split into instances of "
-                                f"serve.instance.devices={per}; use a multiple of {per}")
-        count = devices // per
-        threads = cfg.launcher.threads_per_rank or max(1, (os.cpu_count() or 1) // count)
+        small, large = kinds_of(cfg)
+        ranks = small.count * small.ranks + large.count * large.ranks
+        threads = cfg.launcher.threads_per_rank or max(1, (os.cpu_count() or 1) // ranks)
         cuda = str(getattr(cfg.launcher.accelerator, "value", cfg.launcher.accelerator)) == "cuda"
         host = str(serve.instance.host)
-        self.instances = []
-        for i in range(count):
-            port = int(serve.instance.base_port) + i
-            env = dict(os.environ)
-            if cuda:
-                env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i * per + d) for d in range(per))
-            command = [sys.executable, "-m", "paraflow.serve.instance", *overrides,
-                       f"serve.instance.port={port}", f"launcher.threads_per_rank={threads}"]
-            self.instances.append(Child(f"i{i}", command, env, run_dir / f"instance-{i}.log",
-                                        f"http://{host}:{port}/readyz"))
-        servers = [(c.name, f"{host}:{int(serve.instance.base_port) + i}")
-                   for i, c in enumerate(self.instances)]
-        servers += [(f"remote{i}", str(address)) for i, address in enumerate(serve.remote)]
+        self.instances: list[Child] = []
+        backends: dict[str, list[tuple[str, str]]] = {"instances": [], "large": []}
+        first_device = 0
+        for kind, backend in ((small, "instances"), (large, "large")):
+            for i in range(kind.count):
+                port = kind.base_port + i
+                env = dict(os.environ)
+                if cuda:
+                    env["CUDA_VISIBLE_DEVICES"] = ",".join(
+                        str(first_device + d) for d in range(kind.ranks))
+                first_device += kind.ranks
+                command = [sys.executable, "-m", "paraflow.serve.instance", *overrides,
+                           *kind.overrides, f"serve.instance.devices={kind.ranks}",
+                           f"serve.instance.port={port}", f"launcher.threads_per_rank={threads}"]
+                name = f"{kind.prefix}{i}"
+                self.instances.append(Child(name, command, env, run_dir / f"{name}.log",
+                                            f"http://{host}:{port}/readyz", backend))
+                backends[backend].append((name, f"{host}:{port}"))
+        backends["instances"] += [(f"remote{i}", str(a)) for i, a in enumerate(serve.remote)]
         self.status = ThreadingHTTPServer((host, 0), _status_handler(self))
         status = f"{host}:{self.status.server_address[1]}"
         config = run_dir / "haproxy.cfg"
-        config.write_text(haproxy_config(serve, servers, status))
+        config.write_text(haproxy_config(serve, backends["instances"], status,
+                                         large=backends["large"]))
         self.haproxy = Child("haproxy", [str(serve.front.binary), "-db", "-f", str(config)],
                              dict(os.environ), run_dir / "haproxy.log")
         self.stopping = threading.Event()
@@ -135,7 +165,7 @@ class Supervisor:
     def state(self) -> None:
         """instances.json: each child's pid and port (for operators and the tests)."""
         rows = [{"name": c.name, "pid": c.process.pid if c.process else None, "ready": c.ready,
-                 "restarts": c.restarts, "url": c.ready_url}
+                 "restarts": c.restarts, "url": c.ready_url, "backend": c.backend}
                 for c in [*self.instances, self.haproxy]]
         tmp = self.run_dir / "instances.json.tmp"
         tmp.write_text(json.dumps(rows, indent=1))
@@ -146,7 +176,7 @@ class Supervisor:
         rows = []
         for child in self.instances:
             row: dict[str, Any] = {"name": child.name, "up": child.alive() and child.ready,
-                                   "restarts": child.restarts}
+                                   "restarts": child.restarts, "kind": child.backend}
             if row["up"] and child.ready_url is not None:
                 try:
                     url = child.ready_url.replace("/readyz", "/v1/instance")

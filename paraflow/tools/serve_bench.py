@@ -112,7 +112,7 @@ def main() -> None:
             rows.update({f"latency_p{q}_s": percentile(latencies, q) for q in (50, 90, 99)})
             probe = {**body, "steps": 1, "size": "64x64"}
             through = [_post(run.url, probe) for _ in range(args.probes)]
-            direct = [_post(run.instance_url(0), probe) for _ in range(args.probes)]
+            direct = [_post(run.instance_url("i0"), probe) for _ in range(args.probes)]
             rows["front_door_overhead_ms"] = 1000 * (statistics.median(through)
                                                       - statistics.median(direct))
             rows["direct_median_ms"] = 1000 * statistics.median(direct)
