@@ -12,9 +12,12 @@ from PIL import Image
 INSTANCE = ["model=tiny_random", "launcher.threads_per_rank=1", "serve.instance.warmup=false"]
 
 
+def decoded(png: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(png)))
+
+
 def images_of(answer: dict[str, Any]) -> list[np.ndarray]:
-    return [np.asarray(Image.open(io.BytesIO(base64.b64decode(d["b64_json"]))))
-            for d in answer["data"]]
+    return [decoded(base64.b64decode(d["b64_json"])) for d in answer["data"]]
 
 
 def counter(app: Any, name: str) -> float:

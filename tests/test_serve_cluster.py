@@ -7,7 +7,6 @@ process behind. Everything on loopback, on free ports."""
 
 from __future__ import annotations
 
-import base64
 import os
 import signal
 import subprocess
@@ -22,12 +21,12 @@ import httpx
 import numpy as np
 import pytest
 
-from paraflow.serve.engine import Job
 from paraflow.serve.instance import build
+from paraflow.serve.jobs import Job
 from paraflow.serve.local import LocalService, free_ports, server_up
 from paraflow.serve.requests import ImagesRequest
 from tests.conftest import REPO
-from tests.serve_helpers import images_of
+from tests.serve_helpers import decoded, images_of
 
 pytestmark = pytest.mark.slow
 MODEL = ["model=tiny_random", "serve.instance.warmup=false"]
@@ -75,8 +74,7 @@ def alone() -> Any:
 
     def run(i: int) -> np.ndarray:
         request = ImagesRequest(**body(i))
-        png = engine.submit(Job(request, 64, 64, request.seed or 0)).result(60)[0]
-        return images_of({"data": [{"b64_json": base64.b64encode(png)}]})[0]
+        return decoded(engine.submit(Job(request, 64, 64, request.seed or 0)).result(60)[0])
 
     return run
 

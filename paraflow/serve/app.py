@@ -24,7 +24,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sse_starlette import EventSourceResponse
 
 from paraflow.errors import ParaflowError
-from paraflow.serve.engine import Busy, Cancelled, Engine, Job, new_seed
+from paraflow.serve.engine import Engine
+from paraflow.serve.jobs import Busy, Cancelled, Job, new_seed
 from paraflow.serve.requests import RequestError, parse
 from paraflow.validate import validate
 
@@ -178,10 +179,10 @@ def create_app(engine: Engine) -> FastAPI:
 
     @app.get("/v1/instance")
     def instance() -> dict[str, Any]:
-        running = engine.running
         return {"model": engine.limits.model, "ready": engine.ready.is_set(),
                 "strategy": engine.strategy.mode, "ranks": engine.rank_pids,
-                "queue_depth": engine.jobs.qsize(), "in_flight": int(running is not None),
+                "queue_depth": engine.jobs.qsize() + len(engine.held),
+                "in_flight": len(engine.running),
                 "limits": {"multiple": engine.limits.multiple,
                            "max_side": engine.limits.max_side,
                            "max_images": engine.limits.max_images,

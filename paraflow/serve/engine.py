@@ -1,30 +1,25 @@
-"""The pipeline loaded once and kept: jobs run one after another on a worker thread (the device
-is one), through the same stage graph a run uses, with the embedding cache swapped in for the
-encode stage, per-step progress and cancellation at the next step.
+"""The pipeline loaded once and kept: jobs run on a worker thread (the device is one), through the
+same stage graph a run uses, with the service's stages swapped in (stages.py: the embedding
+cache, a seed per image), per-step progress and cancellation at the next step.
 
-A job is a checked request (paraflow/serve/requests.py). Image i of a job starts from the noise
-of seed + i, as in a run with images_per_prompt=n, so a request and `python -m paraflow` with the
-same prompt, seed, size, steps and guidance give the same image.
+Jobs waiting together with the same shape and settings (Job.batch_key) run as one batch of up to
+pipeline.max_batch images. Image i of a job starts from the noise of seed + i, as in a run with
+images_per_prompt=n, so a request and `python -m paraflow` with the same prompt, seed, size,
+steps and guidance give the same image (bit-identical alone; in a batch, as a run's batches do).
 """
 
 from __future__ import annotations
 
-import concurrent.futures
-import io
+import collections
 import os
 import queue
-import secrets
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 from hydra.utils import get_class
 from omegaconf import DictConfig, open_dict
-from PIL import Image
 
 from paraflow.adapters import latent_channels, latent_downsampling
 from paraflow.config import plain_dict
@@ -34,51 +29,16 @@ from paraflow.graph import StageEnv, StageGraph
 from paraflow.models import load_pipeline
 from paraflow.outputs import OutputSink
 from paraflow.registry import build_strategy
-from paraflow.serve.embeddings import SERVICE, CachedEncodePrompt, EmbeddingCache
+from paraflow.serve.embeddings import SERVICE, EmbeddingCache
+from paraflow.serve.jobs import Busy, Cancelled, Job, png
 from paraflow.serve.metrics import InstanceMetrics
-from paraflow.serve.requests import ImagesRequest, ServedLimits
-from paraflow.stages.encode import EncodePrompt
+from paraflow.serve.requests import ServedLimits
+from paraflow.serve.stages import SEEDS, serving_stages
 from paraflow.validate import model_factor, resolve_accelerator, validate
 
 SLOW_ENV = "PARAFLOW_SERVE_STEP_DELAY_S"  # tests: make this instance slower by s per step
 PING_S = 5.0  # an idle rank group's heartbeat (well inside launcher.timeout_s)
 PING, STOP = "ping", "stop"
-
-
-class Cancelled(Exception):
-    """The client went away or cancelled: the job stops at the next step."""
-
-
-class Busy(Exception):
-    """The instance's queue is full (answered 429)."""
-
-
-@dataclass
-class Job:
-    request: ImagesRequest
-    width: int
-    height: int
-    seed: int
-    on_progress: Callable[[dict[str, Any]], None] | None = None
-    cancelled: threading.Event = field(default_factory=threading.Event)
-    future: concurrent.futures.Future[list[bytes]] = field(
-        default_factory=concurrent.futures.Future)
-    steps_run: int = 0
-    accepted: float = field(default_factory=time.perf_counter)
-
-
-def png(image: np.ndarray) -> bytes:
-    out = io.BytesIO()
-    Image.fromarray(image).save(out, format="PNG")
-    return out.getvalue()
-
-
-def _cached_encode(cfg: DictConfig) -> None:
-    """Stages that encode prompts go through the service's embedding cache."""
-    with open_dict(cfg):
-        for spec in cfg.pipeline.stages.values():
-            if get_class(spec._target_) is EncodePrompt:
-                spec._target_ = f"{CachedEncodePrompt.__module__}.{CachedEncodePrompt.__name__}"
 
 
 class Engine:
@@ -92,7 +52,7 @@ class Engine:
         with open_dict(self.cfg):  # this instance's ranks, not the whole service's
             self.cfg.launcher.devices = int(cfg.serve.instance.devices)
             self.cfg.launcher.num_nodes = 1
-        _cached_encode(self.cfg)
+        serving_stages(self.cfg)
         validate(self.cfg, None)
         self.metrics = metrics or InstanceMetrics()
         self.device = ctx.device if ctx is not None else torch.device(resolve_accelerator(cfg))
@@ -119,8 +79,10 @@ class Engine:
                                    int(limits.max_steps), int(limits.max_prompt_chars),
                                    tuple(self.schedulers))
         self.jobs: queue.Queue[Job | None] = queue.Queue(maxsize=int(serve.instance.max_queue))
+        self.held: collections.deque[Job | None] = collections.deque()  # taken, not batched
+        self.max_batch = int(self.cfg.pipeline.max_batch)
         self.ready = threading.Event()
-        self.running: Job | None = None
+        self.running: list[Job] = []
         self.rank_pids = [int(p) for p in self.ctx.comm.gather_objects(os.getpid())]
         self.worker = threading.Thread(target=self._work, name="paraflow-engine", daemon=True)
 
@@ -134,12 +96,14 @@ class Engine:
     def start(self, warmup: bool = True) -> None:
         self.worker.start()
         if warmup:  # the first call pays one-off costs (allocations, kernel choice)
+            from paraflow.serve.requests import ImagesRequest
+
             side = self.limits.multiple * 8
             request = ImagesRequest(prompt="warm-up", size=f"{side}x{side}", steps=1)
             self.submit(Job(request, side, side, 0)).result()
         self.ready.set()
 
-    def submit(self, job: Job) -> concurrent.futures.Future[list[bytes]]:
+    def submit(self, job: Job) -> Any:
         try:
             self.jobs.put_nowait(job)
         except queue.Full:
@@ -147,38 +111,71 @@ class Engine:
         self.metrics.queue_depth.set(self.jobs.qsize())
         return job.future
 
-    def _work(self) -> None:
-        while True:
-            try:
-                job = self.jobs.get(timeout=PING_S)
-            except queue.Empty:  # idle: show the peers rank 0 is alive (their wait ends)
-                self._tell_peers(PING)
-                continue
-            self.metrics.queue_depth.set(self.jobs.qsize())
-            if job is None:  # stop
-                self._tell_peers(STOP)
-                return
-            if job.cancelled.is_set():  # gone before it started
-                job.future.cancel()
-            if not job.future.set_running_or_notify_cancel():
-                continue
-            self.running = job
-            self.metrics.in_flight.set(1)
-            try:
-                self._tell_peers({"request": job.request.model_dump(), "width": job.width,
-                                  "height": job.height, "seed": job.seed})
-                job.future.set_result(self.run(job))
-            except Exception as err:  # the job's failure is its answer; the worker goes on
-                job.future.set_exception(err)
-            finally:
-                self.running = None
-                self.metrics.in_flight.set(0)
-                self.metrics.sample_device(self.device)
-
     def stop(self) -> None:
         """Finish the queued jobs, then stop the worker (and the peers)."""
         self.jobs.put(None)
         self.worker.join()
+
+    # --- the worker thread (rank 0) --------------------------------------------------------
+
+    def _next(self, timeout: float | None) -> Job | None:
+        if self.held:
+            return self.held.popleft()
+        return self.jobs.get(timeout=timeout)
+
+    def _batch(self, first: Job) -> list[Job]:
+        """`first` and the waiting jobs that can join it, up to max_batch images."""
+        batch, images = [first], first.request.n
+        waiting = []
+        while True:
+            try:
+                job = self._next(None) if self.held else self.jobs.get_nowait()
+            except queue.Empty:
+                break
+            if (job is not None and job.batch_key() == first.batch_key()
+                    and images + job.request.n <= self.max_batch):
+                batch.append(job)
+                images += job.request.n
+            else:
+                waiting.append(job)
+                if job is None:
+                    break
+        self.held.extendleft(reversed(waiting))
+        return batch
+
+    def _work(self) -> None:
+        while True:
+            try:
+                first = self._next(PING_S)
+            except queue.Empty:  # idle: show the peers rank 0 is alive (their wait ends)
+                self._tell_peers(PING)
+                continue
+            if first is None:  # stop
+                self._tell_peers(STOP)
+                return
+            jobs = [j for j in self._batch(first) if self._starts(j)]
+            self.metrics.queue_depth.set(self.jobs.qsize() + len(self.held))
+            if not jobs:
+                continue
+            self.running = jobs
+            self.metrics.in_flight.set(len(jobs))
+            try:
+                self._tell_peers([j.spec() for j in jobs])
+                for job, images in zip(jobs, self.run(jobs)):
+                    job.future.set_result(images)
+            except Exception as err:  # the batch's failure is its answer; the worker goes on
+                for job in jobs:
+                    job.future.set_exception(err)
+            finally:
+                self.running = []
+                self.metrics.in_flight.set(0)
+                self.metrics.sample_device(self.device)
+
+    @staticmethod
+    def _starts(job: Job) -> bool:
+        if job.cancelled.is_set():  # gone before it started
+            job.future.cancel()
+        return bool(job.future.set_running_or_notify_cancel())
 
     def _tell_peers(self, message: object) -> None:
         if self.ctx.world_size > 1:
@@ -192,13 +189,13 @@ class Engine:
                 return
             if message == PING:
                 continue
-            assert isinstance(message, dict)
-            job = Job(ImagesRequest(**message["request"]), message["width"],
-                      message["height"], message["seed"])
+            assert isinstance(message, list)
             try:
-                self.run(job)
+                self.run([Job.from_spec(spec) for spec in message])
             except Cancelled:
                 pass
+
+    # --- every rank ------------------------------------------------------------------------
 
     def run_config(self, job: Job) -> DictConfig:
         r = job.request
@@ -211,53 +208,61 @@ class Engine:
             cfg.pipeline.progress = False
         return cfg
 
-    def run(self, job: Job) -> list[bytes]:
-        cfg = self.run_config(job)
-        self.pipe.scheduler = self.schedulers[job.request.scheduler or self.default_scheduler]
+    def run(self, jobs: list[Job]) -> list[list[bytes]]:
+        """One batch of jobs alike (Job.batch_key): each job's PNGs (on rank 0; [] elsewhere)."""
+        lead = jobs[0]
+        cfg = self.run_config(lead)
+        self.pipe.scheduler = self.schedulers[lead.request.scheduler or self.default_scheduler]
+        prompts: list[str] = []
+        seeds: dict[int, int] = {}
+        owner: list[int] = []
+        for j, job in enumerate(jobs):
+            for k in range(job.request.n):
+                seeds[len(prompts)] = job.seed + k
+                prompts.append(job.request.prompt)
+                owner.append(j)
         factor = latent_downsampling(self.pipe)
-        sink = OutputSink((job.height, job.width, 3),
-                          (latent_channels(self.pipe), job.height // factor, job.width // factor))
+        sink = OutputSink((lead.height, lead.width, 3),
+                          (latent_channels(self.pipe), lead.height // factor,
+                           lead.width // factor))
         env = StageEnv(cfg=cfg, ctx=self.ctx, pipe=self.pipe, strategy=self.strategy, sink=sink,
-                       services={SERVICE: self.cache})
-        n = job.request.n
-        ids = self.strategy.assign_images(n, self.ctx)
-        batch = int(cfg.pipeline.max_batch)
-
-        def on_step(done: int, of: int) -> None:
-            job.steps_run += 1
-            self.metrics.steps.inc()
-            if job.on_progress is not None:
-                job.on_progress({"step": done, "steps": of, "images": n})
-            if self._stop_here(job):
-                raise Cancelled(f"cancelled after step {done} of {of}")
-
-        delay = float(os.environ.get(SLOW_ENV, "0"))
-        if delay > 0:  # an injected slow device (tests of the front door's routing)
-            report = on_step
-
-            def on_step(done: int, of: int) -> None:
-                time.sleep(delay)
-                report(done, of)
-
-        env.on_step = on_step
+                       services={SERVICE: self.cache, SEEDS: seeds})
+        ids = self.strategy.assign_images(len(prompts), self.ctx)
+        env.on_step = self._on_step(jobs)
         with torch.inference_mode():
-            for first in range(0, len(ids), batch):
-                chunk = ids[first:first + batch]
-                self.graph.run(env, {"prompts": [cfg.prompt] * len(chunk), "image_ids": chunk})
+            for first in range(0, len(ids), self.max_batch):
+                chunk = ids[first:first + self.max_batch]
+                self.graph.run(env, {"prompts": [prompts[i] for i in chunk],
+                                     "image_ids": chunk})
             gathered = self.strategy.gather(sink, self.ctx)
         if not self.ctx.is_main:
-            return []
-        self.metrics.images.inc(n)
-        return [png(gathered.images[i]) for i in range(n)]
+            return [[] for _ in jobs]
+        self.metrics.images.inc(len(prompts))
+        self.metrics.batches.inc()
+        return [[png(gathered.images[i]) for i in range(len(prompts)) if owner[i] == j]
+                for j in range(len(jobs))]
 
-    def _stop_here(self, job: Job) -> bool:
-        """Whether to stop after this step: rank 0's cancellation, agreed by every rank (they
-        must leave the step loop together)."""
+    def _on_step(self, jobs: list[Job]) -> Any:
+        delay = float(os.environ.get(SLOW_ENV, "0"))  # an injected slow device (routing tests)
+
+        def on_step(done: int, of: int) -> None:
+            if delay > 0:
+                time.sleep(delay)
+            self.metrics.steps.inc()
+            for job in jobs:
+                job.steps_run += 1
+                if job.on_progress is not None and not job.cancelled.is_set():
+                    job.on_progress({"step": done, "steps": of, "images": job.request.n})
+            if self._stop_here(jobs):
+                raise Cancelled(f"cancelled after step {done} of {of}")
+
+        return on_step
+
+    def _stop_here(self, jobs: list[Job]) -> bool:
+        """Whether to stop after this step: every job of the batch cancelled on rank 0, agreed
+        by every rank (they must leave the step loop together)."""
+        gone = all(job.cancelled.is_set() for job in jobs)
         if self.ctx.world_size == 1:
-            return job.cancelled.is_set()
-        flag = torch.tensor([1.0 if job.cancelled.is_set() else 0.0], device=self.device)
+            return gone
+        flag = torch.tensor([1.0 if gone else 0.0], device=self.device)
         return bool(self.ctx.comm.all_reduce(flag).item() > 0)
-
-
-def new_seed() -> int:
-    return secrets.randbelow(2**31)

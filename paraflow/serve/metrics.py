@@ -23,6 +23,8 @@ class InstanceMetrics:
                                  buckets=LATENCY_BUCKETS, registry=r)
         self.images = Counter("paraflow_images", "images generated", registry=r)
         self.steps = Counter("paraflow_denoise_steps", "denoising steps run", registry=r)
+        self.batches = Counter("paraflow_batches", "batches run (requests alike run as one)",
+                               registry=r)
         self.cache = Counter("paraflow_embedding_cache", "prompt embedding lookups",
                              ["result", "where"], registry=r)
         self.redis = Gauge("paraflow_redis_up", "1 while the shared Redis cache answers",
