@@ -9,7 +9,11 @@
   MLPerf's server scenario): p50/p90/p99 of request latency;
 - front-door overhead: the median of --probes one-step requests sent one at a time through
   HAProxy against the same to an instance directly;
-- restart to readmit: SIGKILL of one instance until HAProxy has it up again.
+- restart to readmit: SIGKILL of one instance until HAProxy has it up again;
+- route by size (--mixed): a mixed load (--small requests at --size, --large at --large-size,
+  all sent at once) on the same cores served by 2 single-device instances, by one 2-rank
+  --group-strategy instance, and routed (1 single-device instance for the small images, the
+  2-rank group for the large ones): the time until the last image, each against routed.
 
 Writes serve_bench.json and serve_bench.md in --out. CPU figures are noisy: compare the ratios.
 """
@@ -81,6 +85,38 @@ def service(out: Path, name: str, instances: int, threads: int, model: str) -> L
     return run
 
 
+def mixed(args: argparse.Namespace, body: dict[str, Any]) -> dict[str, float]:
+    """Seconds until the last image of one mixed load, for each way of serving it."""
+    large = f"{args.large_size}x{args.large_size}"
+    load = ([{**body, "seed": i} for i in range(args.small)]
+            + [{**body, "seed": i, "size": large} for i in range(args.large)])
+    group = [f"+strategy={args.group_strategy}"]
+    ways = {
+        "two_single": (2, [], 1),
+        "one_group": (2, group, 2),
+        "routed": (3, ["serve.large.count=1", "serve.large.devices=2",
+                       f"serve.large.min_pixels={args.large_size ** 2}",
+                       f"serve.large.overrides=['+strategy={args.group_strategy}']"], 1),
+    }
+    found = {}
+    for name, (devices, extra, ranks) in ways.items():
+        run = LocalService(args.out / f"mixed-{name}", devices,
+                           [f"model={args.model}", "launcher.threads_per_rank=1",
+                            "serve.front.max_queue=1000", *extra], ranks_per_instance=ranks)
+        try:
+            run.wait_ready()
+            _post(run.url, {**body, "steps": 1})
+            start = time.perf_counter()
+            with ThreadPoolExecutor(len(load)) as pool:
+                list(pool.map(_post, [run.url] * len(load), load))
+            found[f"mixed_{name}_s"] = time.perf_counter() - start
+        finally:
+            run.stop()
+    for name in ("two_single", "one_group"):
+        found[f"mixed_{name}_over_routed"] = found[f"mixed_{name}_s"] / found["mixed_routed_s"]
+    return found
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("bench-results/serve"))
@@ -91,6 +127,11 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=2, help="per instance")
     parser.add_argument("--load", type=float, default=0.6)
     parser.add_argument("--probes", type=int, default=30)
+    parser.add_argument("--mixed", action="store_true", help="also the route-by-size figure")
+    parser.add_argument("--small", type=int, default=12)
+    parser.add_argument("--large", type=int, default=3)
+    parser.add_argument("--large-size", type=int, default=384)
+    parser.add_argument("--group-strategy", default="distrifusion")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     body = {"prompt": "a red circle on the left", "size": f"{args.size}x{args.size}",
@@ -126,6 +167,8 @@ def main() -> None:
             rows["restart_to_readmit_s"] = time.monotonic() - killed
         finally:
             run.stop()
+    if args.mixed:
+        rows.update(mixed(args, body))
     rows["speedup_2x1_over_1x1"] = rows["images_per_s_2x1"] / rows["images_per_s_1x1"]
     rows["speedup_1x2_over_1x1"] = rows["images_per_s_1x2"] / rows["images_per_s_1x1"]
     (args.out / "serve_bench.json").write_text(json.dumps(rows, indent=1))
