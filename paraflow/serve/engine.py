@@ -250,7 +250,6 @@ class Engine:
                 time.sleep(delay)
             self.metrics.steps.inc()
             for job in jobs:
-                job.steps_run += 1
                 if job.on_progress is not None and not job.cancelled.is_set():
                     job.on_progress({"step": done, "steps": of, "images": job.request.n})
             if self._stop_here(jobs):

@@ -35,7 +35,6 @@ class Job:
     cancelled: threading.Event = field(default_factory=threading.Event)
     future: concurrent.futures.Future[list[bytes]] = field(
         default_factory=concurrent.futures.Future)
-    steps_run: int = 0
     accepted: float = field(default_factory=time.perf_counter)
 
     def batch_key(self) -> tuple[Any, ...]:

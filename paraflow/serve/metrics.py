@@ -33,6 +33,9 @@ class InstanceMetrics:
                               registry=r)
         self.device_memory = Gauge("paraflow_device_memory_bytes",
                                    "memory allocated on the instance's device", registry=r)
+        self.gpu_utilization = Gauge("paraflow_gpu_utilization_percent",
+                                     "GPU busy time over NVML's last sample period (CUDA only)",
+                                     registry=r)
 
     def cache_event(self, result: str, where: str) -> None:
         self.cache.labels(result=result, where=where).inc()
@@ -43,6 +46,10 @@ class InstanceMetrics:
     def sample_device(self, device: torch.device) -> None:
         if device.type == "cuda":
             self.device_memory.set(torch.cuda.memory_allocated(device))
+            try:  # torch asks NVML (nvidia-ml-py, in the serve extra)
+                self.gpu_utilization.set(torch.cuda.utilization(device))
+            except Exception:  # no NVML on this host: leave the gauge unset, never fail a request
+                pass
         else:  # the process' resident set now (Linux), the CPU "device"'s memory
             try:
                 pages = int(open("/proc/self/statm").read().split()[1])

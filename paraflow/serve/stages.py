@@ -4,13 +4,9 @@ per image, so that requests with their own seeds run as one batch."""
 
 from __future__ import annotations
 
-from typing import Any
-
-import torch
 from hydra.utils import get_class
 from omegaconf import DictConfig, open_dict
 
-from paraflow.adapters import latent_channels, latent_downsampling
 from paraflow.graph import StageEnv
 from paraflow.serve.embeddings import CachedEncodePrompt
 from paraflow.stages.encode import EncodePrompt
@@ -23,15 +19,11 @@ class SeededPrepareLatents(PrepareLatents):
     """PrepareLatents with each image's seed from StageEnv.services['seeds'] (the batched
     requests' own), else seed + id as in a run: the same noise either way."""
 
-    def __call__(self, env: StageEnv, image_ids: list[int]) -> dict[str, Any]:
+    def seeds(self, env: StageEnv, image_ids: list[int]) -> list[int]:
         seeds: dict[int, int] | None = env.services.get(SEEDS)
         if seeds is None:
-            return super().__call__(env, image_ids)
-        cfg, factor = env.cfg, latent_downsampling(env.pipe)
-        shape = (1, latent_channels(env.pipe), cfg.height // factor, cfg.width // factor)
-        noise = [torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seeds[i]))
-                 for i in image_ids]
-        return {"initial_latents": torch.cat(noise).to(env.device)}
+            return super().seeds(env, image_ids)
+        return [seeds[i] for i in image_ids]
 
 
 SWAPS: dict[type, type] = {EncodePrompt: CachedEncodePrompt, PrepareLatents: SeededPrepareLatents}
