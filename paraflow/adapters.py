@@ -1,12 +1,15 @@
-"""The one place that knows diffusers' internal names, for SD 1.x/2.x and SDXL pipelines.
+"""The one place that knows diffusers' internal names, for SD 1.x/2.x and SDXL pipelines (a UNet
+denoiser) and PixArt-α/Σ (a diffusion transformer).
 
 Model facts, from loaded (or meta) modules or from a model config without weights: the VAE's and
-the UNet's downsampling, latent channels, text-embedding width, SDXL's added-conditioning widths,
-attention heads, which modules are self-attention. The run: prompt encoding, micro-conditioning,
-a UNet call's arguments and output, latent scaling, image post-processing."""
+the denoiser's downsampling, latent channels, text-embedding width, SDXL's added-conditioning
+widths, attention heads, which modules are self-attention. The run: prompt encoding,
+micro-conditioning, a denoiser call's arguments and output, latent scaling, image
+post-processing."""
 
 from __future__ import annotations
 
+import inspect
 import json
 import re
 from collections.abc import Callable, Iterator, Sequence
@@ -16,8 +19,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from diffusers import StableDiffusionXLPipeline
+from diffusers import PixArtAlphaPipeline, PixArtSigmaPipeline, StableDiffusionXLPipeline
 from diffusers.image_processor import VaeImageProcessor
+from diffusers.models.embeddings import PatchEmbed, get_2d_sincos_pos_embed
 from torch import nn
 
 from paraflow.models.pretrained import inspect_folder, looks_like_hub_id
@@ -31,7 +35,9 @@ class Conditioning:
     when guidance is on (as diffusers orders it)."""
 
     embeds: torch.Tensor
-    added: dict[str, torch.Tensor] | None  # SDXL: pooled text embeds and time ids
+    # Per-image extras: SDXL's pooled text embeds and time ids; PixArt's text attention mask
+    # (and PixArt-α's resolution and aspect ratio).
+    added: dict[str, torch.Tensor] | None
 
     def to(self, device: torch.device, dtype: torch.dtype) -> Conditioning:
         added = {k: v.to(device=device, dtype=dtype) for k, v in (self.added or {}).items()}
@@ -42,11 +48,30 @@ def is_sdxl(pipe: Any) -> bool:
     return isinstance(pipe, StableDiffusionXLPipeline)
 
 
+def is_pixart(pipe: Any) -> bool:
+    return isinstance(pipe, (PixArtAlphaPipeline, PixArtSigmaPipeline))
+
+
+def denoiser(pipe: Any) -> nn.Module:
+    """The pipeline's denoising network: its UNet or its transformer."""
+    model = getattr(pipe, "unet", None)
+    found: nn.Module = model if model is not None else pipe.transformer
+    return found
+
+
+def is_transformer(pipe_or_model: Any) -> bool:
+    """A diffusion transformer (patchified tokens) rather than a UNet."""
+    return "patch_size" in _unet(pipe_or_model).config
+
+
 # --- model facts -------------------------------------------------------------------------------
 # `pipe_or_*`: a pipeline (anything with .unet / .vae) or the module itself, loaded or on meta.
 
 def _unet(pipe_or_unet: Any) -> Any:
-    return getattr(pipe_or_unet, "unet", pipe_or_unet)
+    """The denoiser of a pipeline, or the module itself (a UNet or a transformer)."""
+    if getattr(pipe_or_unet, "unet", None) is not None:
+        return pipe_or_unet.unet
+    return getattr(pipe_or_unet, "transformer", None) or pipe_or_unet
 
 
 def _vae(pipe_or_vae: Any) -> Any:
@@ -63,9 +88,16 @@ def latent_downsampling(pipe_or_vae: Any) -> int:
     return _downsampling(_vae(pipe_or_vae).config.block_out_channels)
 
 
-def unet_downsampling(pipe_or_unet: Any) -> int:
-    """Latent rows per row at the UNet's coarsest level."""
-    return _downsampling(_unet(pipe_or_unet).config.block_out_channels)
+def _denoiser_downsampling(config: Any) -> int:
+    if "patch_size" in config:  # a transformer: one token row is patch_size latent rows
+        return int(config["patch_size"])
+    return _downsampling(config["block_out_channels"])
+
+
+def denoiser_downsampling(pipe_or_unet: Any) -> int:
+    """Latent rows per row at the denoiser's coarsest level (a UNet's deepest block, a
+    transformer's token rows): bands are whole multiples of it."""
+    return _denoiser_downsampling(_unet(pipe_or_unet).config)
 
 
 def configured_latent_downsampling(model_cfg: Any) -> int:
@@ -82,12 +114,14 @@ def configured_latent_downsampling(model_cfg: Any) -> int:
 
 
 def configured_downsampling(model_cfg: Any) -> int | None:
-    """unet_downsampling from a model config (no weights), None if the config does not say."""
-    if "unet" in model_cfg:
-        return _downsampling(model_cfg.unet.block_out_channels)
-    path = Path(str(model_cfg.get("path", ""))).expanduser() / "unet" / "config.json"
-    if path.is_file():
-        return _downsampling(json.loads(path.read_text())["block_out_channels"])
+    """denoiser_downsampling from a model config (no weights), None if the config does not
+    say."""
+    for name in ("unet", "transformer"):
+        if name in model_cfg:
+            return _denoiser_downsampling(model_cfg[name])
+        path = Path(str(model_cfg.get("path", ""))).expanduser() / name / "config.json"
+        if path.is_file():
+            return _denoiser_downsampling(json.loads(path.read_text()))
     return None
 
 
@@ -98,8 +132,9 @@ def latent_channels(pipe_or_model: Any) -> int:
 
 
 def context_width(pipe_or_unet: Any) -> int:
-    """Width of the text embeddings the UNet's cross-attention reads."""
-    return int(_unet(pipe_or_unet).config.cross_attention_dim)
+    """Width of the text embeddings the denoiser reads (a transformer projects them itself)."""
+    config = _unet(pipe_or_unet).config
+    return int(config.get("caption_channels") or config.cross_attention_dim)
 
 
 def added_condition_widths(pipe_or_unet: Any) -> dict[str, int] | None:
@@ -115,7 +150,7 @@ def added_condition_widths(pipe_or_unet: Any) -> dict[str, int] | None:
 def uses_guidance(pipe_or_unet: Any, guidance_scale: float) -> bool:
     """Classifier-free guidance runs when the scale exceeds 1 (and the UNet is not
     guidance-distilled), as in diffusers."""
-    return guidance_scale > 1.0 and _unet(pipe_or_unet).config.time_cond_proj_dim is None
+    return guidance_scale > 1.0 and _unet(pipe_or_unet).config.get("time_cond_proj_dim") is None
 
 
 def replicated_input_convs(unet: Any) -> set[str]:
@@ -126,6 +161,38 @@ def replicated_input_convs(unet: Any) -> set[str]:
     if isinstance(conv_in, nn.Conv2d) and not unet.config.get("center_input_sample", False):
         return {"conv_in"}
     return set()
+
+
+def patch_embedding(model: nn.Module) -> nn.Module | None:
+    """A transformer's patch embedding (latent → tokens plus positions); None for a UNet."""
+    embed = getattr(model, "pos_embed", None)
+    return embed if isinstance(embed, PatchEmbed) else None
+
+
+def band_patch_embed(embed: Any, band: torch.Tensor, rows: int, first_row: int) -> torch.Tensor:
+    """What `PatchEmbed` gives for latent rows [first_row, first_row + band rows) of an image
+    `rows` latent rows tall: the band's own projection (a patch reads only its own rows) plus
+    the whole image's positional embedding at the band's token rows."""
+    latent = embed.proj(band)
+    if embed.flatten:
+        latent = latent.flatten(2).transpose(1, 2)
+    if embed.layer_norm:
+        latent = embed.norm(latent)
+    if embed.pos_embed is None:
+        return latent
+    size, width = embed.patch_size, band.shape[-1]
+    grid = (rows // size, width // size)
+    if embed.pos_embed_max_size:
+        pos = embed.cropped_pos_embed(rows, width)
+    elif (embed.height, embed.width) != grid:
+        pos = get_2d_sincos_pos_embed(
+            embed_dim=embed.pos_embed.shape[-1], grid_size=grid, base_size=embed.base_size,
+            interpolation_scale=embed.interpolation_scale, device=latent.device,
+            output_type="pt").float().unsqueeze(0)
+    else:
+        pos = embed.pos_embed
+    start = first_row // size * grid[1]
+    return (latent + pos[:, start:start + latent.shape[1]]).to(latent.dtype)
 
 
 def vae_decoder(pipe_or_vae: Any) -> nn.Module:
@@ -178,6 +245,8 @@ def encode_prompts(
     width: int,
 ) -> Conditioning:
     """Encode one prompt per image with the pipeline's own `encode_prompt`."""
+    if is_pixart(pipe):
+        return _encode_pixart(pipe, prompts, negative_prompt, device, guidance, height, width)
     negative = None if negative_prompt is None else [negative_prompt] * len(prompts)
     if not is_sdxl(pipe):
         cond, uncond = pipe.encode_prompt(prompts, device, 1, guidance, negative_prompt=negative)
@@ -198,6 +267,29 @@ def encode_prompts(
     return Conditioning(cond, {"text_embeds": pooled, "time_ids": time_ids})
 
 
+def _encode_pixart(pipe: Any, prompts: list[str], negative_prompt: str | None,
+                   device: torch.device, guidance: bool, height: int, width: int) -> Conditioning:
+    """T5 embeddings and their attention mask as PixArt's `encode_prompt` makes them (captions
+    not cleaned; the pipeline's token limit, or the tokenizer's if shorter); PixArt-α's
+    transformer also reads the resolution and aspect ratio."""
+    limit = inspect.signature(pipe.encode_prompt).parameters["max_sequence_length"].default
+    cond, mask, uncond, uncond_mask = pipe.encode_prompt(
+        prompts, do_classifier_free_guidance=guidance, negative_prompt=negative_prompt or "",
+        device=device, clean_caption=False,
+        max_sequence_length=min(int(limit), int(pipe.tokenizer.model_max_length)))
+    added = {"encoder_attention_mask": mask}
+    if pipe.transformer.config.get("use_additional_conditions"):
+        added["resolution"] = torch.tensor([[height, width]], dtype=cond.dtype,
+                                           device=device).repeat(len(prompts), 1)
+        added["aspect_ratio"] = torch.tensor([[height / width]], dtype=cond.dtype,
+                                             device=device).repeat(len(prompts), 1)
+    if not guidance:
+        return Conditioning(cond, added)
+    negative = {**added, "encoder_attention_mask": uncond_mask}
+    return Conditioning(torch.cat([uncond, cond]),
+                        {k: torch.cat([negative[k], v]) for k, v in added.items()})
+
+
 def _select_batch(value: Any, batch: int, rows: slice) -> Any:
     if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == batch:
         return value[rows]
@@ -206,10 +298,12 @@ def _select_batch(value: Any, batch: int, rows: slice) -> Any:
     return value
 
 
-def split_unet_call(args: tuple[Any, ...], kwargs: dict[str, Any], batch_rows: slice,
-                    band_rows: slice) -> tuple[tuple[Any, ...], dict[str, Any], torch.Tensor]:
-    """A UNet call's arguments for one batch slice and one band of rows; also the full sample."""
-    sample = args[0] if args else kwargs["sample"]
+def split_denoiser_call(args: tuple[Any, ...], kwargs: dict[str, Any], batch_rows: slice,
+                        band_rows: slice) -> tuple[tuple[Any, ...], dict[str, Any], torch.Tensor]:
+    """A denoiser call's arguments for one batch slice and one band of rows; also the full
+    sample (a UNet's `sample`, a transformer's `hidden_states`)."""
+    name = "sample" if "sample" in kwargs else "hidden_states"
+    sample = args[0] if args else kwargs[name]
     batch = sample.shape[0]
     new_args = tuple(_select_batch(a, batch, batch_rows) for a in args)
     new_kwargs = {k: _select_batch(v, batch, batch_rows) for k, v in kwargs.items()}
@@ -217,11 +311,11 @@ def split_unet_call(args: tuple[Any, ...], kwargs: dict[str, Any], batch_rows: s
     if args:
         new_args = (band, *new_args[1:])
     else:
-        new_kwargs["sample"] = band
+        new_kwargs[name] = band
     return new_args, new_kwargs, sample
 
 
-def unet_output_sample(output: Any) -> torch.Tensor:
+def denoiser_output_sample(output: Any) -> torch.Tensor:
     return output[0] if isinstance(output, tuple) else output.sample
 
 
@@ -233,11 +327,26 @@ def with_output_sample(output: Any, sample: torch.Tensor) -> Any:
 
 
 def denoiser_forward(
-    unet: torch.nn.Module, latents: torch.Tensor, t: torch.Tensor, cond: Conditioning
+    model: torch.nn.Module, latents: torch.Tensor, t: torch.Tensor, cond: Conditioning
 ) -> torch.Tensor:
-    out = unet(latents, t, encoder_hidden_states=cond.embeds,
-               added_cond_kwargs=cond.added, return_dict=False)
-    return out[0]
+    """The noise prediction of a UNet or a PixArt transformer (its learned-variance channels
+    dropped, as PixArt's pipelines do)."""
+    if not is_transformer(model):
+        out = model(latents, t, encoder_hidden_states=cond.embeds,
+                    added_cond_kwargs=cond.added, return_dict=False)
+        return out[0]  # type: ignore[no-any-return]
+    added = cond.added or {}
+    timestep = t.reshape(1).expand(latents.shape[0]) if t.dim() == 0 else t
+    noise: torch.Tensor = model(
+        latents, encoder_hidden_states=cond.embeds,
+        encoder_attention_mask=added.get("encoder_attention_mask"), timestep=timestep,
+        added_cond_kwargs={"resolution": added.get("resolution"),
+                           "aspect_ratio": added.get("aspect_ratio")},
+        return_dict=False)[0]
+    config: Any = model.config
+    if config.out_channels // 2 == config.in_channels:
+        noise = noise.chunk(2, dim=1)[0]
+    return noise
 
 
 def latents_to_vae_input(vae: Any, latents: torch.Tensor) -> torch.Tensor:

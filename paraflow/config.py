@@ -51,6 +51,11 @@ class Arch(str, Enum):
     sdxl = "sdxl"
 
 
+class DiTArch(str, Enum):
+    pixart_alpha = "pixart_alpha"
+    pixart_sigma = "pixart_sigma"
+
+
 @dataclass
 class StageConfig:
     _target_: str = MISSING
@@ -82,6 +87,21 @@ class TinyModelConfig:
     vae: dict[str, Any] = field(default_factory=dict)
     text_encoder: dict[str, Any] = field(default_factory=dict)
     text_encoder_2: dict[str, Any] = field(default_factory=dict)  # SDXL; empty: as text_encoder
+
+
+@dataclass
+class TinyDiTModelConfig:
+    """A diffusion transformer built from config (paraflow/models/tiny_dit.py)."""
+
+    _target_: str = "paraflow.models.tiny_dit.build_tiny_dit"
+    name: str = "tiny_dit"
+    arch: DiTArch = DiTArch.pixart_sigma
+    init_seed: int = 0
+    max_tokens: int = 16
+    vocabulary: list[str] | None = None
+    transformer: dict[str, Any] = field(default_factory=dict)
+    vae: dict[str, Any] = field(default_factory=dict)
+    text_encoder: dict[str, Any] = field(default_factory=dict)  # a T5Config
 
 
 @dataclass
@@ -163,6 +183,7 @@ def register_configs() -> None:
     store = ConfigStore.instance()
     store.store(name="run_schema", node=RunConfig)
     store.store(group="schemas/model", name="tiny", node=TinyModelConfig)
+    store.store(group="schemas/model", name="tiny_dit", node=TinyDiTModelConfig)
     store.store(group="schemas/model", name="pretrained", node=PretrainedModelConfig)
     store.store(group="schemas/scheduler", name="scheduler", node=SchedulerConfig)
     store.store(group="schemas/pipeline", name="pipeline", node=PipelineConfig)

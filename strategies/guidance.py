@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from paraflow.adapters import split_unet_call, unet_output_sample, with_output_sample
+from paraflow.adapters import denoiser_output_sample, split_denoiser_call, with_output_sample
 from paraflow.comm import Communicator
 
 
@@ -32,9 +32,9 @@ class GuidanceSplit:
             raise RuntimeError(f"guidance split needs an even batch, got {sample.shape[0]}")
         size = sample.shape[0] // parts
         mine = slice(self.comm.rank * size, (self.comm.rank + 1) * size)
-        new_args, new_kwargs, _ = split_unet_call(args, kwargs, mine, slice(None))
+        new_args, new_kwargs, _ = split_denoiser_call(args, kwargs, mine, slice(None))
         return new_args, new_kwargs
 
     def after(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
-        halves = self.comm.all_gather(unet_output_sample(output))
+        halves = self.comm.all_gather(denoiser_output_sample(output))
         return with_output_sample(output, torch.cat(halves))

@@ -31,4 +31,5 @@ def denoiser_skeleton(model_cfg: DictConfig) -> Any:
     other modules."""
     from paraflow.models.skeleton import component_skeleton
 
-    return component_skeleton(model_cfg, "unet")
+    unet = component_skeleton(model_cfg, "unet")
+    return unet if unet is not None else component_skeleton(model_cfg, "transformer")

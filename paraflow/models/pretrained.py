@@ -1,4 +1,4 @@
-"""Diffusers Stable Diffusion 1.x/2.x and SDXL pipeline folders (as `save_pretrained` writes them,
+"""Diffusers Stable Diffusion 1.x/2.x, SDXL and PixArt-α/Σ pipeline folders (as `save_pretrained` writes them,
 safetensors weights), or hub ids when the hub is reachable."""
 
 from __future__ import annotations
@@ -7,18 +7,28 @@ import json
 from pathlib import Path
 from typing import Any
 
-from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import (
+    PixArtAlphaPipeline,
+    PixArtSigmaPipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+)
 
 from paraflow.errors import ParaflowError
 
 SUPPORTED = {
     "StableDiffusionPipeline": StableDiffusionPipeline,
     "StableDiffusionXLPipeline": StableDiffusionXLPipeline,
+    "PixArtAlphaPipeline": PixArtAlphaPipeline,
+    "PixArtSigmaPipeline": PixArtSigmaPipeline,
 }
+PIXART_PARTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
 REQUIRED = {
     "StableDiffusionPipeline": ("unet", "vae", "text_encoder", "tokenizer", "scheduler"),
     "StableDiffusionXLPipeline": ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer",
                                   "tokenizer_2", "scheduler"),
+    "PixArtAlphaPipeline": PIXART_PARTS,
+    "PixArtSigmaPipeline": PIXART_PARTS,
 }
 
 

@@ -19,11 +19,12 @@ from torch import nn
 
 from paraflow.config import plain_dict
 
-COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")  # the modules a run holds
+# The modules a run holds (a pipeline has a unet or a transformer).
+COMPONENTS = ("unet", "transformer", "vae", "text_encoder", "text_encoder_2")
 
 
 def built_from_config(model_cfg: DictConfig) -> bool:
-    return "unet" in model_cfg
+    return "unet" in model_cfg or "transformer" in model_cfg
 
 
 def model_folder(model_cfg: DictConfig) -> Path | None:
@@ -69,7 +70,7 @@ def _from_folder(folder: Path, name: str) -> nn.Module | None:
 def component_skeleton(model_cfg: DictConfig, name: str) -> nn.Module | None:
     """One pipeline module (`unet`, `vae`, ...) on the meta device; None when the config does
     not tell (hub ids not in the cache, folders without `<name>/config.json`)."""
-    if built_from_config(model_cfg) and name in ("unet", "vae"):
+    if "unet" in model_cfg and name in ("unet", "vae"):
         import diffusers
 
         cls: Any = diffusers.UNet2DConditionModel if name == "unet" else diffusers.AutoencoderKL

@@ -13,6 +13,8 @@ from transformers import PreTrainedTokenizerFast
 
 BOS, EOS, PAD, UNK = "<|startoftext|>", "<|endoftext|>", "<|pad|>", "<|unk|>"
 SPECIAL_TOKENS = (PAD, UNK, BOS, EOS)
+T5_PAD, T5_EOS, T5_UNK = "<pad>", "</s>", "<unk>"
+T5_SPECIAL_TOKENS = (T5_PAD, T5_EOS, T5_UNK)  # T5's ids 0, 1, 2
 
 # The words the tiny models know: colours, shapes, places and the glue of simple captions.
 DEFAULT_VOCABULARY = (
@@ -25,18 +27,27 @@ DEFAULT_VOCABULARY = (
 
 
 def build_word_tokenizer(
-    words: tuple[str, ...] | list[str] = DEFAULT_VOCABULARY, max_length: int = 16
+    words: tuple[str, ...] | list[str] = DEFAULT_VOCABULARY, max_length: int = 16,
+    t5: bool = False,
 ) -> PreTrainedTokenizerFast:
-    """Return a lower-casing, whitespace/punctuation-splitting tokenizer over `words`."""
-    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS)}
+    """Return a lower-casing, whitespace/punctuation-splitting tokenizer over `words`: CLIP's
+    conventions (start and end tokens), or with `t5` T5's (padding is token 0, an end token and
+    no start token)."""
+    specials, unk = (T5_SPECIAL_TOKENS, T5_UNK) if t5 else (SPECIAL_TOKENS, UNK)
+    vocab = {token: i for i, token in enumerate(specials)}
     for word in words:
         vocab.setdefault(word.lower(), len(vocab))
-    core = Tokenizer(WordLevel(vocab=vocab, unk_token=UNK))
+    core = Tokenizer(WordLevel(vocab=vocab, unk_token=unk))
     # Punctuation is dropped, so "a red circle, blue background" needs no comma token.
     core.normalizer = normalizers.Sequence(
         [normalizers.Lowercase(), normalizers.Replace(Regex(r"[^\w\s]"), " ")]
     )
     core.pre_tokenizer = pre_tokenizers.Whitespace()
+    if t5:
+        core.post_processor = processors.TemplateProcessing(
+            single=f"$A {T5_EOS}", special_tokens=[(T5_EOS, vocab[T5_EOS])])
+        return PreTrainedTokenizerFast(tokenizer_object=core, eos_token=T5_EOS, pad_token=T5_PAD,
+                                       unk_token=T5_UNK, model_max_length=max_length)
     core.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A {EOS}",
         special_tokens=[(BOS, vocab[BOS]), (EOS, vocab[EOS])],

@@ -6,7 +6,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from paraflow.adapters import Conditioning, denoiser_forward, uses_guidance
+from paraflow.adapters import Conditioning, denoiser, denoiser_forward, uses_guidance
 from paraflow.errors import ParaflowError, set_stage
 from paraflow.graph import StageEnv
 
@@ -33,13 +33,13 @@ def check_finite(finite: torch.Tensor, start: int, stop: int, env: StageEnv) -> 
 class Denoise:
     """The sampling loop: scheduler steps, classifier-free guidance, a per-step strategy hook."""
 
-    components = ("unet",)
+    components = ("unet", "transformer")
 
     def __call__(self, env: StageEnv, initial_latents: torch.Tensor,
                  conditioning: Conditioning) -> dict[str, Any]:
         set_stage("denoise")
         cfg, comm = env.cfg, env.ctx.comm
-        unet = env.pipe.unet
+        model = denoiser(env.pipe)
         scheduler = copy.deepcopy(env.pipe.scheduler)  # it keeps per-run state (step index)
         scheduler.set_timesteps(cfg.steps, device=env.device)
         guidance = uses_guidance(env.pipe, cfg.guidance_scale)
@@ -56,7 +56,7 @@ class Denoise:
             env.strategy.on_step(step, env.ctx)
             model_input = torch.cat([latents] * 2) if guidance else latents
             model_input = scheduler.scale_model_input(model_input, t)
-            noise = denoiser_forward(unet, model_input.to(env.dtype), t, cond).float()
+            noise = denoiser_forward(model, model_input.to(env.dtype), t, cond).float()
             if guidance:
                 uncond, text = noise.chunk(2)
                 noise = uncond + cfg.guidance_scale * (text - uncond)

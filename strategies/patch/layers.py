@@ -6,23 +6,42 @@ from collections.abc import Collection
 
 from torch import nn
 
-from paraflow.adapters import set_self_attention_processors
+from paraflow.adapters import patch_embedding, set_self_attention_processors
 from paraflow.strategies.patch.attention import PatchSelfAttnProcessor
+from paraflow.strategies.patch.bands import conv_halo
 from paraflow.strategies.patch.conv import PatchConv2d
+from paraflow.strategies.patch.embed import BandPatchEmbed
 from paraflow.strategies.patch.groupnorm import PatchGroupNorm
 from paraflow.strategies.patch.state import PatchState
 
 
+def reaches_other_rows(conv: nn.Conv2d) -> bool:
+    """Whether a band's output rows read input rows outside the band (a 1×1 convolution or a
+    transformer's stride-k k×k patch projection does not)."""
+    padding = conv.padding[0] if isinstance(conv.padding, tuple) else 1
+    return conv_halo(conv.kernel_size[0], conv.stride[0], int(padding),
+                     conv.dilation[0]) != (0, 0)
+
+
+def place_patch_embedding(model: nn.Module, state: PatchState) -> None:
+    """A transformer's patch embedding → BandPatchEmbed (true positions for a band); a UNet has
+    none."""
+    embed = patch_embedding(model)
+    if embed is not None and not isinstance(embed, BandPatchEmbed):
+        model.pos_embed = BandPatchEmbed(embed, state)
+
+
 def swap_patch_layers(model: nn.Module, state: PatchState, prefix: str = "",
                       replicated: Collection[str] = ()) -> dict[str, int]:
-    """k×k convolutions → PatchConv2d, GroupNorm → PatchGroupNorm, self-attention → the patch
-    processor. 1×1 convolutions, linear layers, LayerNorm and cross-attention stay local. The
+    """Convolutions that reach other rows → PatchConv2d, GroupNorm → PatchGroupNorm,
+    self-attention → the patch processor. Other convolutions, linear layers, LayerNorm and
+    cross-attention stay local. The
     convolutions named in `replicated` read the model's whole input (state.whole_input)."""
     swaps: list[tuple[str, nn.Module]] = []
     for name, module in model.named_modules():
         if isinstance(module, (PatchConv2d, PatchGroupNorm)):
             continue
-        if isinstance(module, nn.Conv2d) and module.kernel_size[0] > 1:
+        if isinstance(module, nn.Conv2d) and reaches_other_rows(module):
             swaps.append((name, PatchConv2d(module, state, prefix + name,
                                                     replicated=name in replicated)))
         elif isinstance(module, nn.GroupNorm):
@@ -33,5 +52,6 @@ def swap_patch_layers(model: nn.Module, state: PatchState, prefix: str = "",
         setattr(parent, child, wrapper)
     attn = set_self_attention_processors(
         model, lambda name: PatchSelfAttnProcessor(state, prefix + name))
+    place_patch_embedding(model, state)
     convs = sum(isinstance(w, PatchConv2d) for _, w in swaps)
     return {"conv": convs, "groupnorm": len(swaps) - convs, "self_attention": attn}

@@ -10,7 +10,12 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from paraflow.adapters import configured_downsampling, replicated_input_convs, unet_downsampling
+from paraflow.adapters import (
+    configured_downsampling,
+    denoiser,
+    denoiser_downsampling,
+    replicated_input_convs,
+)
 from paraflow.comm import Communicator
 from paraflow.context import ParallelContext
 from paraflow.errors import ParaflowError
@@ -27,10 +32,10 @@ from paraflow.mesh import (
 from paraflow.outputs import OutputSink
 from paraflow.strategies.base import ReplicatedModel
 from paraflow.strategies.patch.bands import band_sizes, check_layout
-from paraflow.strategies.patch.layers import swap_patch_layers
+from paraflow.strategies.patch.denoiser import Layout as BandLayout
+from paraflow.strategies.patch.denoiser import PatchDenoiserHooks
+from paraflow.strategies.patch.layers import place_patch_embedding, swap_patch_layers
 from paraflow.strategies.patch.state import GroupNormMode, PatchState
-from paraflow.strategies.patch.unet import Layout as BandLayout
-from paraflow.strategies.patch.unet import PatchUNetHooks
 from paraflow.strategies.replicas import DataReplicas
 from paraflow.validate import model_factor
 
@@ -115,10 +120,14 @@ class PatchParallel(ReplicatedModel):
     def parallelize(self, pipe: Any, ctx: ParallelContext) -> None:
         if self.state is None or self.layout is None:
             raise RuntimeError("setup() must run before parallelize()")
-        self.layout.unit = unet_downsampling(pipe.unet)
-        if self.exchange and self.state.comm.world_size > 1:
-            swap_patch_layers(pipe.unet, self.state, replicated=replicated_input_convs(pipe.unet))
-        PatchUNetHooks(self.state, self.layout).install(pipe.unet)
+        model = denoiser(pipe)
+        self.layout.unit = denoiser_downsampling(model)
+        if self.state.comm.world_size > 1:
+            if self.exchange:
+                swap_patch_layers(model, self.state, replicated=replicated_input_convs(model))
+            else:  # bands attend only to themselves, but every token keeps its true position
+                place_patch_embedding(model, self.state)
+        PatchDenoiserHooks(self.state, self.layout).install(model)
 
     def image_comm(self, ctx: ParallelContext) -> Communicator:
         """A data replica's ranks in hybrid layouts, else all."""

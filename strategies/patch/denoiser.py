@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from paraflow.adapters import split_unet_call, unet_output_sample, with_output_sample
+from paraflow.adapters import denoiser_output_sample, split_denoiser_call, with_output_sample
 from paraflow.comm import Communicator
 from paraflow.strategies.patch.bands import BandPlan, band_sizes
 from paraflow.strategies.patch.state import PatchState
@@ -43,7 +43,7 @@ class Layout:
         return BandPlan(tuple(band_sizes(rows, bands, self.unit)), band)
 
 
-class PatchUNetHooks:
+class PatchDenoiserHooks:
     """Forward pre-hook: slice the call to this rank's batch half and band. Forward hook: flush
     the displaced buckets, all-gather the output bands, rebuild the whole prediction."""
 
@@ -67,7 +67,7 @@ class PatchUNetHooks:
         plan = layout.plan(layout.world.rank, sample.shape[-2])
         self.state.plan = plan
         rows = slice(part * half, (part + 1) * half)
-        new_args, new_kwargs, self._full = split_unet_call(
+        new_args, new_kwargs, self._full = split_denoiser_call(
             args, kwargs, rows, slice(plan.start, plan.stop))
         self.state.whole_input = self._full[rows]  # for conv_in (replicated_input_convs)
         return new_args, new_kwargs
@@ -79,7 +79,7 @@ class PatchUNetHooks:
         full, layout = self._full, self.layout
         if full is None:
             raise RuntimeError("patch UNet output hook ran without its input hook")
-        local = unet_output_sample(output)
+        local = denoiser_output_sample(output)
         rows = full.shape[-2]
         plans = [layout.plan(rank, rows) for rank in range(layout.world.world_size)]
         tallest = max(max(p.sizes) for p in plans)

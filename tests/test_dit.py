@@ -1,0 +1,59 @@
+"""Diffusion transformers (PixArt-α/Σ) on one device against diffusers' own pipelines built from
+the same saved folder, and the model facts the strategies read from them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import PixArtAlphaPipeline, PixArtSigmaPipeline
+
+from paraflow.api import compose
+from paraflow.models import load_pipeline
+
+from .conftest import read_images, read_latents, run_paraflow
+
+PROMPT = "a red circle on the left, blue background"
+# PixArt-α with its resolution / aspect-ratio conditioning on (the transformer reads it when
+# its sample size is 128, as the published α is); its embeddings split the width in three.
+ALPHA = ["model.arch=pixart_alpha", "model.transformer.sample_size=128",
+         "model.transformer.use_additional_conditions=true",
+         "model.transformer.num_attention_heads=3", "model.transformer.cross_attention_dim=24"]
+CASES = {"sigma": (PixArtSigmaPipeline, []), "alpha": (PixArtAlphaPipeline, ALPHA)}
+
+
+@pytest.fixture(scope="module")
+def pixart_folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("pixart")
+    folders = {}
+    for name, (_, overrides) in CASES.items():
+        pipe = load_pipeline(compose(["model=tiny_pixart_random", *overrides]).model)
+        pipe.save_pretrained(root / name, safe_serialization=True)
+        folders[name] = root / name
+    return folders
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_same_image_as_diffusers(name: str, pixart_folders: dict[str, Path],
+                                 tmp_path: Path) -> None:
+    folder, out = pixart_folders[name], tmp_path / "paraflow"
+    run_paraflow(out, ["model=pretrained", f"model.path={folder}", f"prompt='{PROMPT}'",
+                       "seed=3", "guidance_scale=4.5", "save_latents=true", "height=64",
+                       "width=96", "negative_prompt=green"])
+    pipe = CASES[name][0].from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = dict(prompt=PROMPT, negative_prompt="green", height=64, width=96,
+                  num_inference_steps=3, guidance_scale=4.5, use_resolution_binning=False,
+                  clean_caption=False, max_sequence_length=16)
+    latents = pipe(**kwargs, generator=torch.Generator().manual_seed(3),
+                   output_type="latent").images
+    images = pipe(**kwargs, generator=torch.Generator().manual_seed(3), output_type="np").images
+
+    ours = read_latents(out)
+    assert ours.shape == latents.shape
+    assert torch.allclose(ours, latents, atol=1e-5), (ours - latents).abs().max()  # tol 1e-5
+    expected = (images * 255).round().astype(np.uint8)
+    diff = np.abs(read_images(out)[0].astype(int) - expected[0].astype(int))
+    assert diff.max() <= 1, f"max pixel difference {diff.max()}"
