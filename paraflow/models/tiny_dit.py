@@ -46,7 +46,7 @@ def build_tiny_dit(
     torch.manual_seed(init_seed)
     encoder = T5EncoderModel(T5Config(**{"vocab_size": len(tokenizer), **text_encoder,
                                          "pad_token_id": 0, "eos_token_id": 1,
-                                         "decoder_start_token_id": 0}))
+                                         "decoder_start_token_id": 0})).eval()  # no dropout
     return PIPELINES[arch](
         tokenizer=tokenizer,
         text_encoder=encoder,
