@@ -147,6 +147,18 @@ def added_condition_widths(pipe_or_unet: Any) -> dict[str, int] | None:
             "time_ids": TIME_IDS}
 
 
+def conditioning_extras(pipe_or_model: Any, tokens: int) -> dict[str, tuple[int, ...]] | None:
+    """Conditioning.added's entries, name → shape per image: SDXL's pooled embeds and time ids,
+    PixArt's text mask over `tokens` (and PixArt-α's resolution and aspect ratio)."""
+    if not is_transformer(pipe_or_model):
+        widths = added_condition_widths(pipe_or_model)
+        return None if widths is None else {k: (w,) for k, w in widths.items()}
+    extras: dict[str, tuple[int, ...]] = {"encoder_attention_mask": (tokens,)}
+    if _unet(pipe_or_model).config.get("use_additional_conditions"):
+        extras.update(resolution=(2,), aspect_ratio=(1,))
+    return extras
+
+
 def uses_guidance(pipe_or_unet: Any, guidance_scale: float) -> bool:
     """Classifier-free guidance runs when the scale exceeds 1 (and the UNet is not
     guidance-distilled), as in diffusers."""

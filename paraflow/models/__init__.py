@@ -29,7 +29,6 @@ def denoiser_skeleton(model_cfg: DictConfig) -> Any:
     so a layout can be checked before any rank starts. None when only loading would tell (hub ids
     not in the cache, folders without unet/config.json). See paraflow/models/skeleton.py for the
     other modules."""
-    from paraflow.models.skeleton import component_skeleton
+    from paraflow.models.skeleton import component_skeleton, denoiser_component
 
-    unet = component_skeleton(model_cfg, "unet")
-    return unet if unet is not None else component_skeleton(model_cfg, "transformer")
+    return component_skeleton(model_cfg, denoiser_component(model_cfg))

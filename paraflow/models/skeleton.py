@@ -27,6 +27,14 @@ def built_from_config(model_cfg: DictConfig) -> bool:
     return "unet" in model_cfg or "transformer" in model_cfg
 
 
+def denoiser_component(model_cfg: DictConfig) -> str:
+    """The component that denoises: `unet`, or a diffusion transformer's `transformer`."""
+    if "transformer" in model_cfg:
+        return "transformer"
+    folder = None if "unet" in model_cfg else model_folder(model_cfg)
+    return "transformer" if folder is not None and (folder / "transformer").is_dir() else "unet"
+
+
 def model_folder(model_cfg: DictConfig) -> Path | None:
     """The local pipeline folder of a pretrained config (a hub id: its cached snapshot's
     configs, if the cache has them); None when only a download would tell."""

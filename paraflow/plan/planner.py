@@ -8,7 +8,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from paraflow.adapters import added_condition_widths, latent_channels, uses_guidance
+from paraflow.adapters import conditioning_extras, latent_channels, uses_guidance
 from paraflow.errors import ParaflowError
 from paraflow.mesh import world_of
 from paraflow.models.skeleton import COMPONENTS, pipeline_skeleton, prompt_tokens
@@ -21,10 +21,11 @@ from paraflow.run import expanded_prompts
 from paraflow.validate import model_factor, validate
 
 
-def _inputs(cfg: DictConfig, unet: nn.Module, factor: int) -> Inputs:
-    guidance = uses_guidance(unet, float(cfg.guidance_scale))
-    latent = (latent_channels(unet), int(cfg.height) // factor, int(cfg.width) // factor)
-    return Inputs(latent, prompt_tokens(cfg.model), guidance, added_condition_widths(unet))
+def _inputs(cfg: DictConfig, model: nn.Module, factor: int) -> Inputs:
+    guidance = uses_guidance(model, float(cfg.guidance_scale))
+    latent = (latent_channels(model), int(cfg.height) // factor, int(cfg.width) // factor)
+    tokens = prompt_tokens(cfg.model)
+    return Inputs(latent, tokens, guidance, conditioning_extras(model, tokens))
 
 
 def _accelerator(cfg: DictConfig) -> str:
@@ -92,14 +93,15 @@ def make_plan(cfg: DictConfig) -> Plan:
     except those against this machine's devices. No weights are loaded."""
     validate(cfg, None, devices=False)
     parts = pipeline_skeleton(cfg.model)
-    if not parts or "unet" not in parts or "vae" not in parts:
+    model = None if not parts else parts.get("unet", parts.get("transformer"))
+    if not parts or model is None or "vae" not in parts:
         raise ParaflowError(f"model={cfg.model.name}: the planner reads the model's config files "
-                            "(unet/config.json, vae/config.json) and found none; give a local "
-                            "pipeline folder (model.path), or plan an architecture preset: "
-                            "model=sdxl_arch or model=sd15_arch")
+                            "(unet/ or transformer/config.json, vae/config.json) and found none; "
+                            "give a local pipeline folder (model.path), or plan an architecture "
+                            "preset: model=sdxl_arch, sd15_arch or pixart_sigma_arch")
     policies = stage_policies(cfg)
     factor = model_factor(cfg.model)
-    inputs = _inputs(cfg, parts["unet"], factor)
+    inputs = _inputs(cfg, model, factor)
     loaded = {n: module_bytes(parts[n], policies.get(n, Policy()).dtype)
               for n in COMPONENTS if n in parts}
     budget, source = _budget(cfg)

@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from paraflow.config import StageParallel
-from paraflow.models.skeleton import component_skeleton
+from paraflow.models.skeleton import component_skeleton, denoiser_component
 from paraflow.plan.seats import Seat, set_up
 from paraflow.plan.simulate import Inputs, replay
 from paraflow.plan.weights import Policy, module_bytes
@@ -56,9 +56,10 @@ class RankWork:
         for i, (images, count) in enumerate(sizes.items()):
             if i:  # the replay leaves state behind: each pass size on a fresh set-up
                 strategy, ctx = set_up(cfg, seat.rank)
-            unet, vae = _skeleton(cfg, "unet", policies), _skeleton(cfg, "vae", policies)
-            strategy.parallelize(SimpleNamespace(unet=unet, vae=vae), ctx)
-            self.weights = {"unet": module_bytes(unet, policies.get("unet", Policy()).dtype),
+            name = denoiser_component(cfg.model)
+            unet, vae = _skeleton(cfg, name, policies), _skeleton(cfg, "vae", policies)
+            strategy.parallelize(SimpleNamespace(**{name: unet, "vae": vae}), ctx)
+            self.weights = {name: module_bytes(unet, policies.get(name, Policy()).dtype),
                             "vae": module_bytes(vae, policies.get("vae", Policy()).dtype)}
             if not images:
                 continue

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from paraflow.adapters import context_width
+from paraflow.adapters import Conditioning, context_width, denoiser_forward
 from paraflow.context import ParallelContext
 from paraflow.plan.live import LiveBytes
 
@@ -28,7 +28,7 @@ class Inputs:
     latent: tuple[int, int, int]  # C, h, w
     tokens: int
     guidance: bool
-    added: dict[str, int] | None  # SDXL: text_embeds width, time_ids width
+    added: dict[str, tuple[int, ...]] | None  # Conditioning.added's shapes per image
 
 
 @dataclass
@@ -55,8 +55,9 @@ def replay(strategy: Any, ctx: ParallelContext, unet: Any, vae: Any, inputs: Inp
         embeds = torch.empty(batch, inputs.tokens, context_width(unet),
                              dtype=unet_dtype, device=meta)
         added = None if inputs.added is None else {
-            k: torch.empty(batch, width, dtype=unet_dtype, device=meta)
-            for k, width in inputs.added.items()}
+            k: torch.empty(batch, *shape, dtype=unet_dtype, device=meta)
+            for k, shape in inputs.added.items()}
+        cond = Conditioning(embeds, added)
         initial = torch.empty(images, *inputs.latent, device=meta)  # kept by the stage graph
         latents = initial * 1.0
         t = torch.tensor(500, device=meta)
@@ -65,8 +66,7 @@ def replay(strategy: Any, ctx: ParallelContext, unet: Any, vae: Any, inputs: Inp
             ctx.comm.step = step
             strategy.on_step(step, ctx)
             model_input = torch.cat([latents] * 2) if inputs.guidance else latents
-            noise = unet(model_input.to(unet_dtype), t, encoder_hidden_states=embeds,
-                         added_cond_kwargs=added, return_dict=False)[0].float()
+            noise = denoiser_forward(unet, model_input.to(unet_dtype), t, cond).float()
             if inputs.guidance:
                 uncond, text = noise.chunk(2)
                 noise = uncond + 5.0 * (text - uncond)

@@ -16,7 +16,8 @@ from paraflow.config import Offload, Placement, Precision
 from paraflow.graph import execution_order
 from paraflow.policy import DTYPES
 
-PHASES = {"encode": ("text_encoder", "text_encoder_2"), "denoise": ("unet",), "decode": ("vae",)}
+PHASES = {"encode": ("text_encoder", "text_encoder_2"), "denoise": ("unet", "transformer"),
+          "decode": ("vae",)}
 
 
 @dataclass(frozen=True)
