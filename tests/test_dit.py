@@ -57,3 +57,49 @@ def test_same_image_as_diffusers(name: str, pixart_folders: dict[str, Path],
     expected = (images * 255).round().astype(np.uint8)
     diff = np.abs(read_images(out)[0].astype(int) - expected[0].astype(int))
     assert diff.max() <= 1, f"max pixel difference {diff.max()}"
+
+
+def _patch_bytes_per_step(ranks: int, height: int, width: int, layers: int, inner: int,
+                          out_channels: int, patch: int = 2, batch: int = 2) -> int:
+    """sync_patch on a transformer, per rank and step, fp32, ring all-gathers (a piece times
+    ranks − 1): each layer's keys and values of the band's tokens, then the output band."""
+    rows, cols = height // 8 // ranks, width // 8  # latent rows of a band, latent columns
+    tokens = (rows // patch) * (cols // patch)
+    attention = layers * batch * tokens * 2 * inner * 4 * (ranks - 1)
+    output = batch * out_channels * rows * cols * 4 * (ranks - 1)
+    return attention + output
+
+
+@pytest.mark.parametrize("strategy", ["sync_patch", "distrifusion"])
+def test_planned_patch_bytes_equal_the_formula(strategy: str) -> None:
+    """The planner replays the strategy (test_plan.py checks it against gloo's counts); here its
+    bytes per step against the closed form, for 4 bands of a 128×96 image."""
+    from paraflow.plan import make_plan
+
+    plan = make_plan(compose(["model=tiny_pixart_random", f"+strategy={strategy}",
+                              "launcher.devices=4", "height=128", "width=96", "steps=6"]))
+    want = _patch_bytes_per_step(4, 128, 96, layers=2, inner=32, out_channels=8)
+    for row in plan.ranks:  # displaced patch sends as much, later
+        assert row.comm_per_step == [want] * 6
+
+
+def test_a_band_thinner_than_a_patch_row_is_refused_before_launch() -> None:
+    from paraflow.errors import ParaflowError
+    from paraflow.validate import validate
+
+    # 64 px: 8 latent rows, 4 rows of 2×2 patches; 5 bands cannot each hold a whole one.
+    cfg = compose(["model=tiny_pixart_random", "+strategy=sync_patch", "launcher.devices=5",
+                   "height=64"])
+    with pytest.raises(ParaflowError, match=r"height=64.*multiple of the model's downsampling "
+                                            r"\(2\).*e\.g\. 80"):
+        validate(cfg, None, devices=False)
+
+
+def test_an_unsupported_pipeline_class_is_named(tmp_path: Path) -> None:
+    from paraflow.errors import ParaflowError
+    from paraflow.models.pretrained import inspect_folder
+
+    (tmp_path / "model_index.json").write_text('{"_class_name": "KandinskyPipeline"}')
+    with pytest.raises(ParaflowError, match="KandinskyPipeline is not supported.*"
+                                            "PixArtSigmaPipeline"):
+        inspect_folder(str(tmp_path))

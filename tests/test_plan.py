@@ -18,15 +18,19 @@ from paraflow.plan import Plan, make_plan
 from tests.conftest import run_cli, run_paraflow
 from tests.patch_helpers import config, run_many, run_single
 
-BASE = ["model=tiny_random", "width=64", "steps=3", "launcher.devices=2"]
+BASE = ["width=64", "steps=3", "launcher.devices=2"]
+SD, PIXART = "model=tiny_random", "model=tiny_pixart_random"
 RUNS = {
-    "sync_patch": ["+strategy=sync_patch", "height=64"],
+    "sync_patch": [SD, "+strategy=sync_patch", "height=64"],
     # steps 0-1 synchronous, step 2 displaced without GroupNorm traffic (fewer bytes)
-    "displaced": ["+strategy=displaced_patch", "height=64", "strategy.warmup_steps=1",
+    "displaced": [SD, "+strategy=displaced_patch", "height=64", "strategy.warmup_steps=1",
                   "strategy.groupnorm=separate"],
-    "tensor": ["+strategy=tensor", "height=64"],
-    "uneven_bands": ["+strategy=sync_patch", "height=96"],  # 12 latent rows: bands of 8 and 4
-    "data": ["+strategy=data", "height=64", "prompt=[a,b,c]"],  # the images gathered after
+    "tensor": [SD, "+strategy=tensor", "height=64"],
+    "uneven_bands": [SD, "+strategy=sync_patch", "height=96"],  # bands of 8 and 4 latent rows
+    "data": [SD, "+strategy=data", "height=64", "prompt=[a,b,c]"],  # the images gathered after
+    "pixart_sync_patch": [PIXART, "+strategy=sync_patch", "height=64"],
+    "pixart_displaced": [PIXART, "+strategy=displaced_patch", "height=80",
+                         "strategy.warmup_steps=1"],
 }
 
 
@@ -48,10 +52,13 @@ def test_planned_bytes_equal_the_counted_bytes(
         assert steps == record["comm_bytes_per_step"][rank], (name, rank)
         assert row.comm_decode + row.comm_gather == record["comm_bytes_outside_steps"][rank]
         assert row.comm_run == record["comm_bytes"][rank]
-    if name == "displaced":
+    if name in ("displaced", "pixart_displaced"):
         per_step = plan.ranks[0].comm_per_step
-        assert per_step[0] == per_step[1] > per_step[2]  # no GroupNorm sums once displaced
-    carries = name == "displaced"  # stale pieces between steps; nothing for the others
+        if name == "displaced":  # no GroupNorm sums once displaced
+            assert per_step[0] == per_step[1] > per_step[2]
+        else:  # a transformer has no GroupNorm: the same pieces travel, later
+            assert per_step[0] == per_step[1] == per_step[2]
+    carries = "displaced" in name  # stale pieces between steps; nothing for the others
     assert all((row.carried_bytes > 0) == carries for row in plan.ranks), name
 
 
