@@ -13,6 +13,7 @@ asynchronous one only when its handle is waited (the sleep uses no core, as a co
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections import defaultdict
@@ -128,6 +129,22 @@ class Communicator:
             nbytes = tensor.numel() * tensor.element_size()
             self._settle(self._count(2 * nbytes * (self.world_size - 1) / self.world_size))
         return tensor
+
+    def all_to_all(self, pieces: Sequence[torch.Tensor],
+                   shapes: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+        """Send pieces[j] to rank j; return what each rank i sent here, of shapes[i]. One
+        all_to_all_single over a flat buffer, so pieces may differ in shape (gloo's list
+        form requires equal ones)."""
+        if self.world_size == 1:
+            return [pieces[0].reshape(shapes[0])]
+        send = torch.cat([p.reshape(-1) for p in pieces])
+        out_counts = [math.prod(shape) for shape in shapes]
+        recv = send.new_empty(sum(out_counts))
+        dist.all_to_all_single(recv, send, out_counts, [p.numel() for p in pieces],
+                               group=self.group)
+        sent = send.numel() - pieces[self.rank].numel()
+        self._settle(self._count(sent * send.element_size()))
+        return [chunk.view(*shape) for chunk, shape in zip(recv.split(out_counts), shapes)]
 
     def all_gather_uneven(self, tensor: torch.Tensor) -> list[torch.Tensor]:
         """Gather tensors whose first dimension differs between ranks (others must match)."""

@@ -83,6 +83,37 @@ def test_planned_patch_bytes_equal_the_formula(strategy: str) -> None:
         assert row.comm_per_step == [want] * 6
 
 
+def _ulysses_bytes_per_step(ranks: int, height: int, width: int, layers: int, inner: int,
+                            out_channels: int, patch: int = 2, batch: int = 2) -> int:
+    """ulysses, per rank and step, fp32: each layer's two all-to-alls (queries, keys and values
+    out, the attention output back: 4 · band tokens · width, all but this rank's share of the
+    heads), then the output band's all-gather as in sync_patch."""
+    rows, cols = height // 8 // ranks, width // 8
+    tokens = (rows // patch) * (cols // patch)
+    attention = layers * 4 * batch * tokens * inner * 4 * (ranks - 1) // ranks
+    return attention + batch * out_channels * rows * cols * 4 * (ranks - 1)
+
+
+def test_planned_ulysses_bytes_equal_the_formula() -> None:
+    from paraflow.plan import make_plan
+
+    plan = make_plan(compose(["model=tiny_pixart_random", "+strategy=ulysses",
+                              "launcher.devices=4", "height=128", "width=96", "steps=2"]))
+    want = _ulysses_bytes_per_step(4, 128, 96, layers=2, inner=32, out_channels=8)
+    assert [row.comm_per_step for row in plan.ranks] == [[want] * 2] * 4
+
+
+def test_heads_that_do_not_divide_are_refused_with_the_degrees_that_work() -> None:
+    from paraflow.errors import ParaflowError
+    from paraflow.validate import validate
+
+    cfg = compose(["model=tiny_pixart_random", "+strategy=ulysses", "launcher.devices=3",
+                   "height=96"])  # 4 heads
+    with pytest.raises(ParaflowError, match=r"heads \(4\) do not divide by 3; band counts "
+                                            r"that work: 2, 4"):
+        validate(cfg, None, devices=False)
+
+
 def test_a_band_thinner_than_a_patch_row_is_refused_before_launch() -> None:
     from paraflow.errors import ParaflowError
     from paraflow.validate import validate

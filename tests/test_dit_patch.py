@@ -1,8 +1,9 @@
-"""Patch strategies on a diffusion transformer (tiny PixArt-Σ and -α), 2 and 3 gloo ranks,
+"""Patch strategies and Ulysses on a diffusion transformer (tiny PixArt-Σ and -α; Ulysses on
+the tiny UNet too), 2 and 3 gloo ranks,
 against the single-device run. The band is whole rows of the patch grid (image tokens); the
 text tokens are every rank's.
 
-Tolerances: exact strategies (sync_patch, displaced_patch with warm-up covering every step,
+Tolerances: exact strategies (sync_patch, ulysses, displaced_patch with warm-up covering every step,
 guidance split, data) match one device within 1e-4 max abs difference of the final fp32
 latents, images within 1 grey level. With the default warm-up, displaced patch's PSNR against
 one device beats naive_patch's by at least 10 dB.
@@ -21,9 +22,10 @@ pytestmark = pytest.mark.slow  # multi-process launches of whole runs
 
 TOL = 1e-4
 SIGMA = ["model=tiny_pixart_random", "height=64", "width=64", "steps=3"]
-ALPHA = [*SIGMA, "model.arch=pixart_alpha", "model.transformer.sample_size=128",
-         "model.transformer.use_additional_conditions=true",
-         "model.transformer.num_attention_heads=3", "model.transformer.cross_attention_dim=24"]
+AS_ALPHA = ["model.arch=pixart_alpha", "model.transformer.sample_size=128",
+            "model.transformer.use_additional_conditions=true",
+            "model.transformer.num_attention_heads=3", "model.transformer.cross_attention_dim=24"]
+ALPHA = [*SIGMA, *AS_ALPHA]
 # 20 steps, where the reuse of stale activations has time to matter (or not).
 QUALITY = ["model=tiny_pixart_random", "height=64", "width=64", "steps=20"]
 TWO_PROMPTS = ["prompt=[a red circle,a blue square]", "images_per_prompt=2"]
@@ -38,6 +40,10 @@ def _cases(devices: int) -> dict[str, tuple[list[str], list[str]]]:
             "alpha_sync": (ALPHA, ["+strategy=sync_patch"]),
             "alpha_sync_cfg": (ALPHA, ["+strategy=sync_patch", "strategy.cfg_split=true"]),
             "displaced_warm": (SIGMA, ["+strategy=displaced_patch", "strategy.warmup_steps=3"]),
+            "ulysses": (SIGMA, ["+strategy=ulysses"]),
+            "ulysses_cfg": (SIGMA, ["+strategy=ulysses", "strategy.cfg_split=true"]),
+            "unet_ulysses": (["model=tiny_random", "height=64", "width=64", "steps=3"],
+                             ["+strategy=ulysses"]),
             "naive": (SIGMA, ["+strategy=naive_patch"]),
             "data": ([*SIGMA, *TWO_PROMPTS], ["+strategy=data"]),
             "quality_displaced": (QUALITY, ["+strategy=distrifusion"]),
@@ -48,6 +54,8 @@ def _cases(devices: int) -> dict[str, tuple[list[str], list[str]]]:
         "sync_uneven": (uneven, ["+strategy=sync_patch", "pipeline.stages.decode.parallel=patch"]),
         "sync_cfg_uneven": (uneven, ["+strategy=sync_patch", "strategy.cfg_split=true"]),
         "displaced_warm_uneven": (uneven, ["+strategy=distrifusion", "strategy.warmup_steps=2"]),
+        # PixArt-α's 3 heads over 3 uneven bands
+        "alpha_ulysses_uneven": ([*uneven, *AS_ALPHA], ["+strategy=ulysses"]),
     }
 
 
@@ -80,12 +88,14 @@ def _check_exact(run: dict[str, Any], ref: dict[str, Any]) -> None:
 
 
 @pytest.mark.parametrize("name", ["sync", "sync_cfg", "alpha_sync", "alpha_sync_cfg",
-                                  "displaced_warm", "data"])
+                                  "displaced_warm", "data", "ulysses", "ulysses_cfg",
+                                  "unet_ulysses"])
 def test_two_ranks_equal_one_device(two_ranks: dict[str, Any], name: str) -> None:
     _check_exact(*two_ranks[name])
 
 
-@pytest.mark.parametrize("name", ["sync_uneven", "sync_cfg_uneven", "displaced_warm_uneven"])
+@pytest.mark.parametrize("name", ["sync_uneven", "sync_cfg_uneven", "displaced_warm_uneven",
+                                  "alpha_ulysses_uneven"])
 def test_three_ranks_equal_one_device(three_ranks: dict[str, Any], name: str) -> None:
     _check_exact(*three_ranks[name])
 

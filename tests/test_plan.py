@@ -29,6 +29,7 @@ RUNS = {
     "uneven_bands": [SD, "+strategy=sync_patch", "height=96"],  # bands of 8 and 4 latent rows
     "data": [SD, "+strategy=data", "height=64", "prompt=[a,b,c]"],  # the images gathered after
     "pixart_sync_patch": [PIXART, "+strategy=sync_patch", "height=64"],
+    "pixart_ulysses": [PIXART, "+strategy=ulysses", "height=80"],  # uneven: 6 and 4 rows
     "pixart_displaced": [PIXART, "+strategy=displaced_patch", "height=80",
                          "strategy.warmup_steps=1"],
 }

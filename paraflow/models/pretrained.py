@@ -1,5 +1,5 @@
-"""Diffusers Stable Diffusion 1.x/2.x, SDXL and PixArt-α/Σ pipeline folders (as `save_pretrained` writes them,
-safetensors weights), or hub ids when the hub is reachable."""
+"""Diffusers Stable Diffusion 1.x/2.x, SDXL and PixArt-α/Σ pipeline folders (as
+`save_pretrained` writes them, safetensors weights), or hub ids when the hub is reachable."""
 
 from __future__ import annotations
 

@@ -18,6 +18,33 @@ from paraflow.errors import ParaflowError
 from paraflow.strategies.patch.state import PatchState
 
 
+def split_heads(attn: Any, x: torch.Tensor, heads: int | None = None) -> torch.Tensor:
+    """(B, tokens, heads · dim) → (B, heads, tokens, dim)."""
+    heads = heads or attn.heads
+    return x.reshape(x.shape[0], x.shape[1], heads, -1).transpose(1, 2)
+
+
+def attend(attn: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+           mask: torch.Tensor | None) -> torch.Tensor:
+    """AttnProcessor2_0's attention of projected queries over keys/values, heads merged back:
+    (B, tokens, heads · dim). The heads are `attn.heads` (a tensor-parallel share, if set)."""
+    query, key, value = (split_heads(attn, x) for x in (query, key, value))
+    return attend_heads(attn, query, key, value, mask).transpose(1, 2).flatten(2)
+
+
+def attend_heads(attn: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                 mask: torch.Tensor | None) -> torch.Tensor:
+    """(B, heads, tokens, dim) in and out: the module's query/key norms, then fused attention
+    with the module's scale."""
+    if attn.norm_q is not None:
+        query = attn.norm_q(query)
+    if attn.norm_k is not None:
+        key = attn.norm_k(key)
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=0.0,
+                                         is_causal=False, scale=attn.scale)
+    return out.to(query.dtype)
+
+
 class PatchSelfAttnProcessor:
     """diffusers' AttnProcessor2_0, step for step, plus the exchange of keys and values; it also
     passes `attn.scale` to the attention (as diffusers' AttnProcessor does for scale_qk=False).
@@ -57,25 +84,21 @@ class PatchSelfAttnProcessor:
         key = attn.to_k(encoder_hidden_states)
         value = attn.to_v(encoder_hidden_states)
         if exchange:
-            key, value = self._whole_image(torch.cat([key, value], dim=-1)).chunk(2, dim=-1)
-
-        head_dim = key.shape[-1] // attn.heads
-        query = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
-        key = key.reshape(batch, -1, attn.heads, head_dim).transpose(1, 2)
-        value = value.reshape(batch, -1, attn.heads, head_dim).transpose(1, 2)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
-                                             dropout_p=0.0, is_causal=False, scale=attn.scale)
-        out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
+            out = self.self_attention(attn, query, key, value, attention_mask)
+        else:
+            out = attend(attn, query, key, value, attention_mask)
         out = attn.to_out[1](attn.to_out[0](out))
         if input_ndim == 4:
             out = out.transpose(-1, -2).reshape(batch, channel, height, width)
         if attn.residual_connection:
             out = out + residual
         return out / attn.rescale_output_factor
+
+    def self_attention(self, attn: Any, query: torch.Tensor, key: torch.Tensor,
+                       value: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """This band's queries over every band's keys and values (B, tokens, heads · dim)."""
+        key, value = self._whole_image(torch.cat([key, value], dim=-1)).chunk(2, dim=-1)
+        return attend(attn, query, key, value, mask)
 
     def _band_queries(self, mask: torch.Tensor, tokens: int) -> torch.Tensor:
         """(B, heads, queries, keys) → this band's query rows (a one-row mask is kept)."""

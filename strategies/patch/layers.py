@@ -32,11 +32,12 @@ def place_patch_embedding(model: nn.Module, state: PatchState) -> None:
 
 
 def swap_patch_layers(model: nn.Module, state: PatchState, prefix: str = "",
-                      replicated: Collection[str] = ()) -> dict[str, int]:
+                      replicated: Collection[str] = (),
+                      attention: type = PatchSelfAttnProcessor) -> dict[str, int]:
     """Convolutions that reach other rows → PatchConv2d, GroupNorm → PatchGroupNorm,
-    self-attention → the patch processor. Other convolutions, linear layers, LayerNorm and
-    cross-attention stay local. The
-    convolutions named in `replicated` read the model's whole input (state.whole_input)."""
+    self-attention → `attention` (the patch processor by default). Other convolutions, linear
+    layers, LayerNorm and cross-attention stay local. The convolutions named in `replicated`
+    read the model's whole input (state.whole_input)."""
     swaps: list[tuple[str, nn.Module]] = []
     for name, module in model.named_modules():
         if isinstance(module, (PatchConv2d, PatchGroupNorm)):
@@ -51,7 +52,7 @@ def swap_patch_layers(model: nn.Module, state: PatchState, prefix: str = "",
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, wrapper)
     attn = set_self_attention_processors(
-        model, lambda name: PatchSelfAttnProcessor(state, prefix + name))
+        model, lambda name: attention(state, prefix + name))
     place_patch_embedding(model, state)
     convs = sum(isinstance(w, PatchConv2d) for _, w in swaps)
     return {"conv": convs, "groupnorm": len(swaps) - convs, "self_attention": attn}

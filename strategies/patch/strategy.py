@@ -31,6 +31,7 @@ from paraflow.mesh import (
 )
 from paraflow.outputs import OutputSink
 from paraflow.strategies.base import ReplicatedModel
+from paraflow.strategies.patch.attention import PatchSelfAttnProcessor
 from paraflow.strategies.patch.bands import band_sizes, check_layout
 from paraflow.strategies.patch.denoiser import Layout as BandLayout
 from paraflow.strategies.patch.denoiser import PatchDenoiserHooks
@@ -55,6 +56,7 @@ class PatchParallel(ReplicatedModel):
 
     name = "patch"
     exchange = True
+    attention_processor: type = PatchSelfAttnProcessor  # self-attention of a band
     replicated_latents = True  # every rank holds the whole latent (patch VAE decode relies on it)
 
     def __init__(self, cfg_split: bool = False, warmup_steps: int = 0, displaced: bool = False,
@@ -91,14 +93,19 @@ class PatchParallel(ReplicatedModel):
         world_size = world_of(cfg)
         if self.cfg_split:
             check_cfg_split(cfg)
-        layout = self.mesh_layout(world_size)
+        self.mesh_layout(world_size)  # raises on a layout no mesh expresses
         if self.warmup_steps < 0:
             raise ParaflowError(f"strategy.warmup_steps={self.warmup_steps}: must be >= 0")
         unit = configured_downsampling(cfg.model)
         if unit is not None:
-            bands = (layout["patch"] if layout is not None
-                     else max(len(g) for g in batch_groups(world_size, self.cfg_split)))
-            check_layout(int(cfg.height), model_factor(cfg.model), bands, unit)
+            check_layout(int(cfg.height), model_factor(cfg.model), self.band_count(cfg), unit)
+
+    def band_count(self, cfg: DictConfig) -> int:
+        """The bands one image is cut into (the most, with uneven guidance halves)."""
+        world = world_of(cfg)
+        layout = self.mesh_layout(world)
+        return (layout["patch"] if layout is not None
+                else max(len(g) for g in batch_groups(world, self.cfg_split)))
 
     def setup(self, ctx: ParallelContext) -> None:
         mesh = mesh_of(ctx, self.mesh_layout(ctx.world_size))
@@ -124,7 +131,8 @@ class PatchParallel(ReplicatedModel):
         self.layout.unit = denoiser_downsampling(model)
         if self.state.comm.world_size > 1:
             if self.exchange:
-                swap_patch_layers(model, self.state, replicated=replicated_input_convs(model))
+                swap_patch_layers(model, self.state, replicated=replicated_input_convs(model),
+                                  attention=self.attention_processor)
             else:  # bands attend only to themselves, but every token keeps its true position
                 place_patch_embedding(model, self.state)
         PatchDenoiserHooks(self.state, self.layout).install(model)
@@ -140,12 +148,9 @@ class PatchParallel(ReplicatedModel):
 
     def band_rows(self, cfg: DictConfig) -> list[int] | None:
         """Latent rows of each band of one image, as setup() and the UNet hooks cut them."""
-        world = world_of(cfg)
-        layout = self.mesh_layout(world)
-        bands = (layout["patch"] if layout is not None
-                 else max(len(g) for g in batch_groups(world, self.cfg_split)))
         unit = configured_downsampling(cfg.model) or 1
-        return band_sizes(int(cfg.height) // model_factor(cfg.model), bands, unit)
+        return band_sizes(int(cfg.height) // model_factor(cfg.model), self.band_count(cfg),
+                          unit)
 
     def on_step(self, step: int, ctx: ParallelContext) -> None:
         if self.state is not None:
