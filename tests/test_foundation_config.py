@@ -33,7 +33,7 @@ def test_default_config_has_no_strategy() -> None:
 
 @pytest.mark.parametrize("name", group_options("model"))
 def test_model_configs_compose(name: str) -> None:
-    needs_path = name not in ("tiny", "tiny_random", "tiny_xl_random", "sd15_arch", "sdxl_arch")
+    needs_path = name == "pretrained"
     cfg = compose([f"model={name}", *(["model.path=somewhere"] if needs_path else [])])
     assert cfg.model._target_ and cfg.model.name == name
 
