@@ -49,3 +49,27 @@ def latents(record: dict[str, Any]) -> torch.Tensor:
 def image(record: dict[str, Any], index: int = 0) -> torch.Tensor:
     path = Path(record["output_dir"]) / record["images"][index]
     return torch.from_numpy(np.array(Image.open(path))).float()
+
+
+Cases = dict[str, tuple[list[str], list[str]]]  # name → (reference, extra parallel overrides)
+
+
+def run_against_one_device(cases: Cases, devices: int, tmp: Path
+                           ) -> dict[str, tuple[dict[str, Any], dict[str, Any]]]:
+    """Every case on `devices` ranks (one launch) and its reference on one device in-process:
+    name → (parallel record, reference record)."""
+    refs = {name: run_single(config(ref, tmp / f"{name}_ref")) for name, (ref, _) in cases.items()}
+    cfgs = [config([*ref, *extra, f"launcher.devices={devices}"], tmp / name)
+            for name, (ref, extra) in cases.items()]
+    return dict(zip(cases, zip(run_many(cfgs), refs.values())))
+
+
+def check_exact(run: dict[str, Any], ref: dict[str, Any], tol: float = 1e-4) -> None:
+    """Final fp32 latents within `tol` max abs difference, every image within 1 grey level."""
+    got, want = latents(run), latents(ref)
+    assert got.shape == want.shape
+    diff = float((got - want).abs().max())
+    print(f"max |latents - single| = {diff:.2e}")
+    assert diff <= tol
+    for index in range(len(ref["images"])):
+        assert float((image(run, index) - image(ref, index)).abs().max()) <= 1.0

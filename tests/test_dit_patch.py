@@ -11,16 +11,14 @@ one device beats naive_patch's by at least 10 dB.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.patch_helpers import config, image, latents, psnr, run_many, run_single
+from tests.patch_helpers import check_exact, latents, psnr, run_against_one_device
 
 pytestmark = pytest.mark.slow  # multi-process launches of whole runs
 
-TOL = 1e-4
 SIGMA = ["model=tiny_pixart_random", "height=64", "width=64", "steps=3"]
 AS_ALPHA = ["model.arch=pixart_alpha", "model.transformer.sample_size=128",
             "model.transformer.use_additional_conditions=true",
@@ -59,45 +57,27 @@ def _cases(devices: int) -> dict[str, tuple[list[str], list[str]]]:
     }
 
 
-def _run(devices: int, tmp: Path) -> dict[str, tuple[dict[str, Any], dict[str, Any]]]:
-    cases = _cases(devices)
-    refs = {name: run_single(config(ref, tmp / f"{name}_ref")) for name, (ref, _) in cases.items()}
-    cfgs = [config([*ref, *extra, f"launcher.devices={devices}"], tmp / name)
-            for name, (ref, extra) in cases.items()]
-    return dict(zip(cases, zip(run_many(cfgs), refs.values())))
-
-
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    return _run(2, tmp_path_factory.mktemp("dit2"))
+    return run_against_one_device(_cases(2), 2, tmp_path_factory.mktemp("dit2"))
 
 
 @pytest.fixture(scope="module")
 def three_ranks(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    return _run(3, tmp_path_factory.mktemp("dit3"))
-
-
-def _check_exact(run: dict[str, Any], ref: dict[str, Any]) -> None:
-    got, want = latents(run), latents(ref)
-    assert got.shape == want.shape
-    diff = float((got - want).abs().max())
-    print(f"max |latents - single| = {diff:.2e}")
-    assert diff <= TOL
-    for index in range(len(ref["images"])):
-        assert float((image(run, index) - image(ref, index)).abs().max()) <= 1.0
+    return run_against_one_device(_cases(3), 3, tmp_path_factory.mktemp("dit3"))
 
 
 @pytest.mark.parametrize("name", ["sync", "sync_cfg", "alpha_sync", "alpha_sync_cfg",
                                   "displaced_warm", "data", "ulysses", "ulysses_cfg",
                                   "unet_ulysses"])
 def test_two_ranks_equal_one_device(two_ranks: dict[str, Any], name: str) -> None:
-    _check_exact(*two_ranks[name])
+    check_exact(*two_ranks[name])
 
 
 @pytest.mark.parametrize("name", ["sync_uneven", "sync_cfg_uneven", "displaced_warm_uneven",
                                   "alpha_ulysses_uneven"])
 def test_three_ranks_equal_one_device(three_ranks: dict[str, Any], name: str) -> None:
-    _check_exact(*three_ranks[name])
+    check_exact(*three_ranks[name])
 
 
 def test_naive_is_not_exact(two_ranks: dict[str, Any]) -> None:

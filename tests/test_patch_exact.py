@@ -8,16 +8,18 @@ latents; the decoded uint8 images within 1 grey level. naive_patch must NOT be w
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.patch_helpers import config, image, latents, run_many, run_single
+from tests.patch_helpers import (
+    check_exact,
+    latents,
+    run_against_one_device,
+)
 
 pytestmark = pytest.mark.slow  # multi-process launches of whole runs
 
-TOL = 1e-4
 PROMPTS = ["prompt=[a red circle,a blue square]", "images_per_prompt=2"]
 
 
@@ -50,46 +52,28 @@ def _cases(devices: int) -> dict[str, tuple[list[str], list[str]]]:
     }
 
 
-def _run(devices: int, tmp: Path) -> dict[str, tuple[dict[str, Any], dict[str, Any]]]:
-    cases = _cases(devices)
-    refs = {name: run_single(config(ref, tmp / f"{name}_ref")) for name, (ref, _) in cases.items()}
-    cfgs = [config([*ref, *extra, f"launcher.devices={devices}"], tmp / name)
-            for name, (ref, extra) in cases.items()]
-    return dict(zip(cases, zip(run_many(cfgs), refs.values())))
-
-
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    return _run(2, tmp_path_factory.mktemp("patch2"))
+    return run_against_one_device(_cases(2), 2, tmp_path_factory.mktemp("patch2"))
 
 
 @pytest.fixture(scope="module")
 def three_ranks(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    return _run(3, tmp_path_factory.mktemp("patch3"))
-
-
-def _check_exact(run: dict[str, Any], ref: dict[str, Any]) -> None:
-    got, want = latents(run), latents(ref)
-    assert got.shape == want.shape
-    diff = float((got - want).abs().max())
-    print(f"max |latents - single| = {diff:.2e}")
-    assert diff <= TOL
-    for index in range(len(ref["images"])):
-        assert float((image(run, index) - image(ref, index)).abs().max()) <= 1.0
+    return run_against_one_device(_cases(3), 3, tmp_path_factory.mktemp("patch3"))
 
 
 @pytest.mark.parametrize("name", [n for n in _cases(2) if n != "sd_naive"])
 def test_exact_on_two_ranks(two_ranks: dict[str, Any], name: str) -> None:
     run, ref = two_ranks[name]
     assert run["world_size"] == 2 and run["images_per_rank"][1] == len(ref["images"])
-    _check_exact(run, ref)
+    check_exact(run, ref)
 
 
 @pytest.mark.parametrize("name", list(_cases(3)))
 def test_exact_on_three_ranks(three_ranks: dict[str, Any], name: str) -> None:
     run, ref = three_ranks[name]
     assert run["world_size"] == 3
-    _check_exact(run, ref)
+    check_exact(run, ref)
 
 
 def test_naive_patch_is_not_exact(two_ranks: dict[str, Any]) -> None:
