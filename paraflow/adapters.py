@@ -1,5 +1,6 @@
 """The one place that knows diffusers' internal names, for SD 1.x/2.x and SDXL pipelines (a UNet
-denoiser) and PixArt-α/Σ (a diffusion transformer).
+denoiser) and the diffusion transformers PixArt-α/Σ, SD3/3.5 (MMDiT) and Flux (MMDiT with
+single-stream blocks, rotary positions and latents packed in 2×2 patches).
 
 Model facts, from loaded (or meta) modules or from a model config without weights: the VAE's and
 the denoiser's downsampling, latent channels, text-embedding width, SDXL's added-conditioning
@@ -19,14 +20,22 @@ from typing import Any
 
 import numpy as np
 import torch
-from diffusers import PixArtAlphaPipeline, PixArtSigmaPipeline, StableDiffusionXLPipeline
+from diffusers import (
+    FluxPipeline,
+    PixArtAlphaPipeline,
+    PixArtSigmaPipeline,
+    StableDiffusion3Pipeline,
+    StableDiffusionXLPipeline,
+)
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.models.embeddings import PatchEmbed, get_2d_sincos_pos_embed
+from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from torch import nn
 
 from paraflow.models.pretrained import inspect_folder, looks_like_hub_id
 
 TIME_IDS = 6  # SDXL micro-conditioning: original size, crop offset, target size (2 each)
+FLUX_PACK = 2  # Flux packs 2×2 latent pixels into one token
 
 
 @dataclass
@@ -52,16 +61,35 @@ def is_pixart(pipe: Any) -> bool:
     return isinstance(pipe, (PixArtAlphaPipeline, PixArtSigmaPipeline))
 
 
+def is_sd3(pipe: Any) -> bool:
+    return isinstance(pipe, StableDiffusion3Pipeline)
+
+
+def is_flux(pipe: Any) -> bool:
+    return isinstance(pipe, FluxPipeline)
+
+
 def denoiser(pipe: Any) -> nn.Module:
     """The pipeline's denoising network: its UNet or its transformer."""
-    model = getattr(pipe, "unet", None)
-    found: nn.Module = model if model is not None else pipe.transformer
+    found: nn.Module = _unet(pipe)
     return found
 
 
 def is_transformer(pipe_or_model: Any) -> bool:
     """A diffusion transformer (patchified tokens) rather than a UNet."""
     return "patch_size" in _unet(pipe_or_model).config
+
+
+def _packs_latents(config: Any) -> bool:
+    """Flux: the transformer reads 2×2 latent patches packed into tokens, placed by rotary ids."""
+    return "axes_dims_rope" in config
+
+
+def guidance_distilled(config: Any) -> bool:
+    """A denoiser config that takes no classifier-free guidance: Flux (guidance, if any, is an
+    embedded input; FluxPipeline's separate `true_cfg_scale` passes are not run) or an LCM-style
+    UNet with a guidance embedding."""
+    return _packs_latents(config) or config.get("time_cond_proj_dim") is not None
 
 
 # --- model facts -------------------------------------------------------------------------------
@@ -90,7 +118,7 @@ def latent_downsampling(pipe_or_vae: Any) -> int:
 
 def _denoiser_downsampling(config: Any) -> int:
     if "patch_size" in config:  # a transformer: one token row is patch_size latent rows
-        return int(config["patch_size"])
+        return int(config["patch_size"]) * (FLUX_PACK if _packs_latents(config) else 1)
     return _downsampling(config["block_out_channels"])
 
 
@@ -116,25 +144,36 @@ def configured_latent_downsampling(model_cfg: Any) -> int:
 def configured_downsampling(model_cfg: Any) -> int | None:
     """denoiser_downsampling from a model config (no weights), None if the config does not
     say."""
+    config = configured_denoiser(model_cfg)
+    return None if config is None else _denoiser_downsampling(config)
+
+
+def configured_denoiser(model_cfg: Any) -> Any:
+    """The denoiser's config from a model config, no weights: a built-from-config model's
+    `unet`/`transformer`, or a folder's unet/ or transformer/config.json; None if neither."""
     for name in ("unet", "transformer"):
         if name in model_cfg:
-            return _denoiser_downsampling(model_cfg[name])
+            return model_cfg[name]
         path = Path(str(model_cfg.get("path", ""))).expanduser() / name / "config.json"
         if path.is_file():
-            return _denoiser_downsampling(json.loads(path.read_text()))
+            return json.loads(path.read_text())
     return None
 
 
 def latent_channels(pipe_or_model: Any) -> int:
     """Channels of the latent: the UNet's input channels, or a VAE's latent channels."""
     config = _unet(pipe_or_model).config
-    return int(config.latent_channels if "latent_channels" in config else config.in_channels)
+    if "latent_channels" in config:
+        return int(config.latent_channels)
+    packed = FLUX_PACK ** 2 if _packs_latents(config) else 1
+    return int(config.in_channels) // packed
 
 
 def context_width(pipe_or_unet: Any) -> int:
     """Width of the text embeddings the denoiser reads (a transformer projects them itself)."""
     config = _unet(pipe_or_unet).config
-    return int(config.get("caption_channels") or config.cross_attention_dim)
+    return int(config.get("caption_channels") or config.get("joint_attention_dim")
+               or config.cross_attention_dim)
 
 
 def added_condition_widths(pipe_or_unet: Any) -> dict[str, int] | None:
@@ -149,20 +188,58 @@ def added_condition_widths(pipe_or_unet: Any) -> dict[str, int] | None:
 
 def conditioning_extras(pipe_or_model: Any, tokens: int) -> dict[str, tuple[int, ...]] | None:
     """Conditioning.added's entries, name → shape per image: SDXL's pooled embeds and time ids,
-    PixArt's text mask over `tokens` (and PixArt-α's resolution and aspect ratio)."""
+    PixArt's text mask over `tokens` (and PixArt-α's resolution and aspect ratio), SD3's and
+    Flux's pooled text embeds (and Flux-dev's guidance)."""
     if not is_transformer(pipe_or_model):
         widths = added_condition_widths(pipe_or_model)
         return None if widths is None else {k: (w,) for k, w in widths.items()}
+    config = _unet(pipe_or_model).config
+    if "pooled_projection_dim" in config:
+        pooled: dict[str, tuple[int, ...]] = {"pooled_projections": (config.pooled_projection_dim,)}
+        return {**pooled, "guidance": ()} if config.get("guidance_embeds") else pooled
     extras: dict[str, tuple[int, ...]] = {"encoder_attention_mask": (tokens,)}
-    if _unet(pipe_or_model).config.get("use_additional_conditions"):
+    if config.get("use_additional_conditions"):
         extras.update(resolution=(2,), aspect_ratio=(1,))
     return extras
 
 
 def uses_guidance(pipe_or_unet: Any, guidance_scale: float) -> bool:
-    """Classifier-free guidance runs when the scale exceeds 1 (and the UNet is not
+    """Classifier-free guidance runs when the scale exceeds 1 (and the denoiser is not
     guidance-distilled), as in diffusers."""
-    return guidance_scale > 1.0 and _unet(pipe_or_unet).config.get("time_cond_proj_dim") is None
+    return guidance_scale > 1.0 and not guidance_distilled(_unet(pipe_or_unet).config)
+
+
+def with_embedded_guidance(model: Any, cond: Conditioning, guidance_scale: float,
+                           batch: int) -> Conditioning:
+    """Flux-dev's guidance scale as the transformer's `guidance` input, one per image (as
+    FluxPipeline passes it); the conditioning unchanged for other models."""
+    if not model.config.get("guidance_embeds"):
+        return cond
+    guidance = torch.full((batch,), guidance_scale, dtype=torch.float32, device=cond.embeds.device)
+    return Conditioning(cond.embeds, {**(cond.added or {}), "guidance": guidance})
+
+
+def set_timesteps(scheduler: Any, steps: int, device: torch.device, model: Any,
+                  latent_shape: Sequence[int]) -> None:
+    """The sampling schedule as each family's pipeline sets it: Flux's sigmas from 1 to 1/steps
+    and, where the scheduler shifts by resolution, the shift for the image's token count."""
+    config = model.config
+    sigmas = None
+    if _packs_latents(config) and not scheduler.config.get("use_flow_sigmas"):
+        sigmas = np.linspace(1.0, 1 / steps, steps)
+    kwargs: dict[str, Any] = {}
+    if scheduler.config.get("use_dynamic_shifting"):
+        unit = _denoiser_downsampling(config)
+        tokens = (latent_shape[-2] // unit) * (latent_shape[-1] // unit)
+        kwargs["mu"] = calculate_shift(
+            tokens, scheduler.config.get("base_image_seq_len", 256),
+            scheduler.config.get("max_image_seq_len", 4096),
+            scheduler.config.get("base_shift", 0.5),
+            scheduler.config.get("max_shift", 1.15 if _packs_latents(config) else 1.16))
+    if sigmas is not None:
+        scheduler.set_timesteps(sigmas=sigmas, device=device, **kwargs)
+    else:
+        scheduler.set_timesteps(steps, device=device, **kwargs)
 
 
 def replicated_input_convs(unet: Any) -> set[str]:
@@ -259,6 +336,8 @@ def encode_prompts(
     """Encode one prompt per image with the pipeline's own `encode_prompt`."""
     if is_pixart(pipe):
         return _encode_pixart(pipe, prompts, negative_prompt, device, guidance, height, width)
+    if is_sd3(pipe) or is_flux(pipe):
+        return _encode_mmdit(pipe, prompts, negative_prompt, device, guidance)
     negative = None if negative_prompt is None else [negative_prompt] * len(prompts)
     if not is_sdxl(pipe):
         cond, uncond = pipe.encode_prompt(prompts, device, 1, guidance, negative_prompt=negative)
@@ -284,11 +363,9 @@ def _encode_pixart(pipe: Any, prompts: list[str], negative_prompt: str | None,
     """T5 embeddings and their attention mask as PixArt's `encode_prompt` makes them (captions
     not cleaned; the pipeline's token limit, or the tokenizer's if shorter); PixArt-α's
     transformer also reads the resolution and aspect ratio."""
-    limit = inspect.signature(pipe.encode_prompt).parameters["max_sequence_length"].default
     cond, mask, uncond, uncond_mask = pipe.encode_prompt(
         prompts, do_classifier_free_guidance=guidance, negative_prompt=negative_prompt or "",
-        device=device, clean_caption=False,
-        max_sequence_length=min(int(limit), int(pipe.tokenizer.model_max_length)))
+        device=device, clean_caption=False, max_sequence_length=_t5_tokens(pipe, pipe.tokenizer))
     added = {"encoder_attention_mask": mask}
     if pipe.transformer.config.get("use_additional_conditions"):
         added["resolution"] = torch.tensor([[height, width]], dtype=cond.dtype,
@@ -302,6 +379,31 @@ def _encode_pixart(pipe: Any, prompts: list[str], negative_prompt: str | None,
                         {k: torch.cat([negative[k], v]) for k, v in added.items()})
 
 
+def _t5_tokens(pipe: Any, t5_tokenizer: Any) -> int:
+    """The T5 prompt length: the pipeline's default, or the tokenizer's limit if shorter."""
+    limit = inspect.signature(pipe.encode_prompt).parameters["max_sequence_length"].default
+    return min(int(limit), int(t5_tokenizer.model_max_length))
+
+
+def _encode_mmdit(pipe: Any, prompts: list[str], negative_prompt: str | None,
+                  device: torch.device, guidance: bool) -> Conditioning:
+    """SD3's CLIP-L/G + T5 embeddings or Flux's T5 embeddings, with the pooled CLIP embeds, as
+    each pipeline's `encode_prompt` makes them (Flux takes no negative prompt)."""
+    tokens = _t5_tokens(pipe, pipe.tokenizer_3 if is_sd3(pipe) else pipe.tokenizer_2)
+    if is_flux(pipe):
+        embeds, pooled, _ = pipe.encode_prompt(prompts, None, device=device,
+                                               max_sequence_length=tokens)
+        return Conditioning(embeds, {"pooled_projections": pooled})
+    negative = None if negative_prompt is None else [negative_prompt] * len(prompts)
+    cond, uncond, pooled, uncond_pooled = pipe.encode_prompt(
+        prompts, None, None, device=device, do_classifier_free_guidance=guidance,
+        negative_prompt=negative, max_sequence_length=tokens)
+    if not guidance:
+        return Conditioning(cond, {"pooled_projections": pooled})
+    return Conditioning(torch.cat([uncond, cond]),
+                        {"pooled_projections": torch.cat([uncond_pooled, pooled])})
+
+
 def _select_batch(value: Any, batch: int, rows: slice) -> Any:
     if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == batch:
         return value[rows]
@@ -310,16 +412,34 @@ def _select_batch(value: Any, batch: int, rows: slice) -> Any:
     return value
 
 
+def call_rows(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, int]:
+    """(latent rows of a denoiser call, entries of its sample's dim −2 per latent row). A
+    latent image's rows are its dim −2 (1 per row); Flux's packed tokens run row-major over 2×2
+    patches, so a latent row is half a token row (the rows are read from the last image id: one
+    small device-to-host read per call)."""
+    sample = args[0] if args else kwargs["sample" if "sample" in kwargs else "hidden_states"]
+    ids = kwargs.get("img_ids")
+    if ids is None:
+        return int(sample.shape[-2]), 1
+    token_rows = int(ids[-1, 1]) + 1
+    return token_rows * FLUX_PACK, sample.shape[-2] // token_rows // FLUX_PACK
+
+
 def split_denoiser_call(args: tuple[Any, ...], kwargs: dict[str, Any], batch_rows: slice,
                         band_rows: slice) -> tuple[tuple[Any, ...], dict[str, Any], torch.Tensor]:
-    """A denoiser call's arguments for one batch slice and one band of rows; also the full
-    sample (a UNet's `sample`, a transformer's `hidden_states`)."""
+    """A denoiser call's arguments for one batch slice and one band of latent rows; also the
+    full sample (a UNet's `sample`, a transformer's `hidden_states`). Flux's image ids are cut
+    to the band's tokens, so its rotary positions stay the true ones."""
     name = "sample" if "sample" in kwargs else "hidden_states"
     sample = args[0] if args else kwargs[name]
     batch = sample.shape[0]
     new_args = tuple(_select_batch(a, batch, batch_rows) for a in args)
     new_kwargs = {k: _select_batch(v, batch, batch_rows) for k, v in kwargs.items()}
-    band = sample[batch_rows, :, band_rows, :]
+    per_row = call_rows(args, kwargs)[1]
+    band_index = slice(band_rows.start * per_row, band_rows.stop * per_row)
+    band = sample[batch_rows][..., band_index, :]
+    if "img_ids" in kwargs:
+        new_kwargs["img_ids"] = kwargs["img_ids"][band_index]
     if args:
         new_args = (band, *new_args[1:])
     else:
@@ -341,24 +461,49 @@ def with_output_sample(output: Any, sample: torch.Tensor) -> Any:
 def denoiser_forward(
     model: torch.nn.Module, latents: torch.Tensor, t: torch.Tensor, cond: Conditioning
 ) -> torch.Tensor:
-    """The noise prediction of a UNet or a PixArt transformer (its learned-variance channels
-    dropped, as PixArt's pipelines do)."""
+    """The noise prediction (or flow velocity) of a UNet or a transformer for latent images
+    (B, C, H, W), as each family's pipeline calls it: PixArt's learned-variance channels dropped,
+    Flux's latents packed in 2×2 patches with their image ids and unpacked again."""
     if not is_transformer(model):
         out = model(latents, t, encoder_hidden_states=cond.embeds,
                     added_cond_kwargs=cond.added, return_dict=False)
         return out[0]  # type: ignore[no-any-return]
     added = cond.added or {}
     timestep = t.reshape(1).expand(latents.shape[0]) if t.dim() == 0 else t
+    config: Any = model.config
+    if _packs_latents(config):
+        return _flux_forward(model, latents, timestep, cond)
+    if "pooled_projection_dim" in config:  # SD3
+        out = model(hidden_states=latents, timestep=timestep, encoder_hidden_states=cond.embeds,
+                    pooled_projections=added["pooled_projections"], return_dict=False)
+        return out[0]  # type: ignore[no-any-return]
     noise: torch.Tensor = model(
         latents, encoder_hidden_states=cond.embeds,
         encoder_attention_mask=added.get("encoder_attention_mask"), timestep=timestep,
         added_cond_kwargs={"resolution": added.get("resolution"),
                            "aspect_ratio": added.get("aspect_ratio")},
         return_dict=False)[0]
-    config: Any = model.config
     if config.out_channels // 2 == config.in_channels:
         noise = noise.chunk(2, dim=1)[0]
     return noise
+
+
+def _flux_forward(model: Any, latents: torch.Tensor, timestep: torch.Tensor,
+                  cond: Conditioning) -> torch.Tensor:
+    """FluxPipeline's transformer call: packed latents, image ids over the token grid, zero
+    text ids, the timestep over 1000."""
+    batch, channels, rows, cols = latents.shape
+    packed = FluxPipeline._pack_latents(latents, batch, channels, rows, cols)
+    img_ids = FluxPipeline._prepare_latent_image_ids(
+        batch, rows // FLUX_PACK, cols // FLUX_PACK, latents.device, latents.dtype)
+    txt_ids = torch.zeros(cond.embeds.shape[1], 3, device=latents.device, dtype=latents.dtype)
+    added = cond.added or {}
+    out = model(hidden_states=packed, timestep=timestep.to(latents.dtype) / 1000,
+                guidance=added.get("guidance"), pooled_projections=added["pooled_projections"],
+                encoder_hidden_states=cond.embeds, txt_ids=txt_ids, img_ids=img_ids,
+                return_dict=False)[0]
+    # _unpack_latents takes pixel sizes and the VAE's factor: latent sizes with a factor of 1.
+    return FluxPipeline._unpack_latents(out, rows, cols, 1)  # type: ignore[no-any-return]
 
 
 def latents_to_vae_input(vae: Any, latents: torch.Tensor) -> torch.Tensor:
@@ -371,7 +516,8 @@ def latents_to_vae_input(vae: Any, latents: torch.Tensor) -> torch.Tensor:
         mean_t = torch.tensor(mean, device=latents.device, dtype=latents.dtype).view(shape)
         std_t = torch.tensor(std, device=latents.device, dtype=latents.dtype).view(shape)
         return latents * std_t / config.scaling_factor + mean_t
-    return latents / config.scaling_factor
+    shift = getattr(config, "shift_factor", None) or 0.0  # SD3's and Flux's VAEs
+    return latents / config.scaling_factor + shift
 
 
 def pixels_to_uint8(pixels: torch.Tensor) -> np.ndarray:

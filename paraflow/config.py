@@ -54,6 +54,8 @@ class Arch(str, Enum):
 class DiTArch(str, Enum):
     pixart_alpha = "pixart_alpha"
     pixart_sigma = "pixart_sigma"
+    sd3 = "sd3"
+    flux = "flux"
 
 
 @dataclass
@@ -102,6 +104,8 @@ class TinyDiTModelConfig:
     transformer: dict[str, Any] = field(default_factory=dict)
     vae: dict[str, Any] = field(default_factory=dict)
     text_encoder: dict[str, Any] = field(default_factory=dict)  # a T5Config
+    clip: dict[str, Any] = field(default_factory=dict)  # SD3's first CLIP, Flux's only one
+    clip_2: dict[str, Any] = field(default_factory=dict)  # SD3's second; empty: as clip
 
 
 @dataclass

@@ -3,12 +3,15 @@ and the `scheduler` group swaps its scheduler class while keeping the model's sc
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from hydra.utils import get_class, get_method
 from omegaconf import DictConfig
 
 from paraflow.config import plain_dict
+
+log = logging.getLogger(__name__)
 
 
 def load_pipeline(model_cfg: DictConfig, scheduler_cfg: DictConfig | None = None) -> Any:
@@ -17,11 +20,26 @@ def load_pipeline(model_cfg: DictConfig, scheduler_cfg: DictConfig | None = None
     options.pop("name", None)
     pipe = build(**options)
     if scheduler_cfg is not None:
-        scheduler_class: Any = get_class(scheduler_cfg._target_)
-        extra = plain_dict(scheduler_cfg.options)
-        pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config, **extra)
+        pipe.scheduler = scheduler_for(pipe.scheduler, scheduler_cfg)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def scheduler_for(own: Any, spec: DictConfig) -> Any:
+    """`spec`'s scheduler class on the model's own scheduler config. A flow-matching model
+    (SD3, Flux) keeps its own scheduler when `spec` is a noise-prediction one (the default
+    `ddim` included), and the other way round: the two kinds do not share schedules."""
+    scheduler_class: Any = get_class(spec._target_)
+    if is_flow_matching(scheduler_class) != is_flow_matching(type(own)):
+        log.warning("scheduler=%s does not fit this model's %s; keeping the model's own",
+                    spec.name, type(own).__name__)
+        return own
+    return scheduler_class.from_config(own.config, **plain_dict(spec.options))
+
+
+def is_flow_matching(scheduler_class: type) -> bool:
+    """A scheduler of flow-matching models (velocity prediction, sigmas from 1 to 0)."""
+    return scheduler_class.__name__.startswith("FlowMatch")
 
 
 def denoiser_skeleton(model_cfg: DictConfig) -> Any:

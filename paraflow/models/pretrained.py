@@ -1,4 +1,4 @@
-"""Diffusers Stable Diffusion 1.x/2.x, SDXL and PixArt-α/Σ pipeline folders (as
+"""Diffusers Stable Diffusion 1.x/2.x, SDXL, PixArt-α/Σ, SD3/3.5 and Flux pipeline folders (as
 `save_pretrained` writes them, safetensors weights), or hub ids when the hub is reachable."""
 
 from __future__ import annotations
@@ -8,8 +8,10 @@ from pathlib import Path
 from typing import Any
 
 from diffusers import (
+    FluxPipeline,
     PixArtAlphaPipeline,
     PixArtSigmaPipeline,
+    StableDiffusion3Pipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
 )
@@ -21,6 +23,8 @@ SUPPORTED = {
     "StableDiffusionXLPipeline": StableDiffusionXLPipeline,
     "PixArtAlphaPipeline": PixArtAlphaPipeline,
     "PixArtSigmaPipeline": PixArtSigmaPipeline,
+    "StableDiffusion3Pipeline": StableDiffusion3Pipeline,
+    "FluxPipeline": FluxPipeline,
 }
 PIXART_PARTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
 REQUIRED = {
@@ -29,6 +33,11 @@ REQUIRED = {
                                   "tokenizer_2", "scheduler"),
     "PixArtAlphaPipeline": PIXART_PARTS,
     "PixArtSigmaPipeline": PIXART_PARTS,
+    "StableDiffusion3Pipeline": ("transformer", "vae", "text_encoder", "text_encoder_2",
+                                 "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3",
+                                 "scheduler"),
+    "FluxPipeline": ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer",
+                     "tokenizer_2", "scheduler"),
 }
 
 

@@ -32,7 +32,7 @@ SD_SCHEDULER_CONFIG: dict[str, Any] = {
 }
 
 
-def _text_encoder_config(tokenizer: Any, text_encoder: dict[str, Any]) -> CLIPTextConfig:
+def text_encoder_config(tokenizer: Any, text_encoder: dict[str, Any]) -> CLIPTextConfig:
     """The tokenizer's sizes unless the config names others (a full-size architecture keeps
     CLIP's 49408-token embedding and 77 positions, so its parameter count is the real one)."""
     defaults = {"vocab_size": len(tokenizer),
@@ -63,7 +63,7 @@ def build_tiny(
     torch.manual_seed(init_seed)
     unet_model = UNet2DConditionModel(**unet)
     vae_model = AutoencoderKL(**vae)
-    encoder = CLIPTextModel(_text_encoder_config(tokenizer, text_encoder))
+    encoder = CLIPTextModel(text_encoder_config(tokenizer, text_encoder))
     if arch == "sd":
         return StableDiffusionPipeline(
             vae=vae_model,
@@ -76,7 +76,7 @@ def build_tiny(
             requires_safety_checker=False,
         )
     encoder_2 = CLIPTextModelWithProjection(
-        _text_encoder_config(tokenizer, text_encoder_2 or text_encoder))
+        text_encoder_config(tokenizer, text_encoder_2 or text_encoder))
     return StableDiffusionXLPipeline(
         vae=vae_model,
         text_encoder=encoder,

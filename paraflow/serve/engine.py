@@ -18,15 +18,13 @@ import time
 from typing import Any
 
 import torch
-from hydra.utils import get_class
 from omegaconf import DictConfig, open_dict
 
 from paraflow.adapters import latent_channels, latent_downsampling
-from paraflow.config import plain_dict
 from paraflow.context import ParallelContext
 from paraflow.errors import ParaflowError
 from paraflow.graph import StageEnv, StageGraph
-from paraflow.models import load_pipeline
+from paraflow.models import load_pipeline, scheduler_for
 from paraflow.outputs import OutputSink
 from paraflow.registry import build_strategy
 from paraflow.serve.embeddings import SERVICE, EmbeddingCache
@@ -88,8 +86,7 @@ class Engine:
 
     def _scheduler(self, spec: DictConfig) -> Any:
         """`spec`'s scheduler class on the model's own scheduler config (as a run builds it)."""
-        cls: Any = get_class(spec._target_)
-        return cls.from_config(self.pipe.scheduler.config, **plain_dict(spec.options))
+        return scheduler_for(self.pipe.scheduler, spec)
 
     # --- the worker thread -----------------------------------------------------------------
 

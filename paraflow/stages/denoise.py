@@ -6,7 +6,14 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from paraflow.adapters import Conditioning, denoiser, denoiser_forward, uses_guidance
+from paraflow.adapters import (
+    Conditioning,
+    denoiser,
+    denoiser_forward,
+    set_timesteps,
+    uses_guidance,
+    with_embedded_guidance,
+)
 from paraflow.errors import ParaflowError, set_stage
 from paraflow.graph import StageEnv
 
@@ -41,10 +48,12 @@ class Denoise:
         cfg, comm = env.cfg, env.ctx.comm
         model = denoiser(env.pipe)
         scheduler = copy.deepcopy(env.pipe.scheduler)  # it keeps per-run state (step index)
-        scheduler.set_timesteps(cfg.steps, device=env.device)
+        set_timesteps(scheduler, cfg.steps, env.device, model, initial_latents.shape)
         guidance = uses_guidance(env.pipe, cfg.guidance_scale)
-        cond = conditioning.to(env.device, env.dtype)
-        latents = initial_latents.to(env.device).float() * scheduler.init_noise_sigma
+        cond = with_embedded_guidance(model, conditioning.to(env.device, env.dtype),
+                                      cfg.guidance_scale, initial_latents.shape[0])
+        sigma = getattr(scheduler, "init_noise_sigma", 1.0)  # flow matching starts at 1
+        latents = initial_latents.to(env.device).float() * sigma
         show = cfg.pipeline.progress and env.ctx.is_main
         trajectory = []
         steps = len(scheduler.timesteps)
@@ -55,7 +64,8 @@ class Denoise:
             comm.step = step
             env.strategy.on_step(step, env.ctx)
             model_input = torch.cat([latents] * 2) if guidance else latents
-            model_input = scheduler.scale_model_input(model_input, t)
+            if hasattr(scheduler, "scale_model_input"):  # flow matching has none
+                model_input = scheduler.scale_model_input(model_input, t)
             noise = denoiser_forward(model, model_input.to(env.dtype), t, cond).float()
             if guidance:
                 uncond, text = noise.chunk(2)
