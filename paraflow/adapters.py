@@ -28,7 +28,9 @@ from diffusers import (
     StableDiffusionXLPipeline,
 )
 from diffusers.image_processor import VaeImageProcessor
+from diffusers.models.attention_processor import JointAttnProcessor2_0
 from diffusers.models.embeddings import PatchEmbed, get_2d_sincos_pos_embed
+from diffusers.models.transformers.transformer_flux import FluxAttention
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from torch import nn
 
@@ -303,13 +305,22 @@ def self_attention_modules(model: nn.Module) -> Iterator[tuple[str, Any]]:
     return ((n, m) for n, m in model.named_modules() if is_self_attention(m))
 
 
-def set_self_attention_processors(model: nn.Module, make: Callable[[str], Any]) -> int:
-    """Give every self-attention module of `model` the processor `make(name)`; cross-attention
-    keeps its own. Returns how many were set."""
+def set_self_attention_processors(model: nn.Module, make: Callable[[str, Any], Any]) -> int:
+    """Give every self-attention module of `model` the processor `make(name, module)`;
+    cross-attention keeps its own. Returns how many were set."""
     found = list(self_attention_modules(model))
     for name, module in found:
-        module.set_processor(make(name))
+        module.set_processor(make(name, module))
     return len(found)
+
+
+def attention_kind(module: Any) -> str:
+    """How a self-attention module mixes text in: "flux" (FluxAttention: text tokens first,
+    rotary positions; without added projections, a single-stream block whose input leads with
+    the text), "joint" (SD3's JointAttnProcessor2_0: image tokens, then text), or "plain"."""
+    if isinstance(module, FluxAttention):
+        return "flux"
+    return "joint" if isinstance(module.processor, JointAttnProcessor2_0) else "plain"
 
 
 def attention_heads(module: nn.Module) -> int | None:
@@ -412,12 +423,19 @@ def _select_batch(value: Any, batch: int, rows: slice) -> Any:
     return value
 
 
+def call_sample(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
+    """A denoiser call's sample: a UNet's `sample`, a transformer's `hidden_states`."""
+    if args:
+        return args[0]  # type: ignore[no-any-return]
+    return kwargs["sample" if "sample" in kwargs else "hidden_states"]  # type: ignore[no-any-return]
+
+
 def call_rows(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, int]:
     """(latent rows of a denoiser call, entries of its sample's dim −2 per latent row). A
     latent image's rows are its dim −2 (1 per row); Flux's packed tokens run row-major over 2×2
     patches, so a latent row is half a token row (the rows are read from the last image id: one
     small device-to-host read per call)."""
-    sample = args[0] if args else kwargs["sample" if "sample" in kwargs else "hidden_states"]
+    sample = call_sample(args, kwargs)
     ids = kwargs.get("img_ids")
     if ids is None:
         return int(sample.shape[-2]), 1
@@ -431,7 +449,7 @@ def split_denoiser_call(args: tuple[Any, ...], kwargs: dict[str, Any], batch_row
     full sample (a UNet's `sample`, a transformer's `hidden_states`). Flux's image ids are cut
     to the band's tokens, so its rotary positions stay the true ones."""
     name = "sample" if "sample" in kwargs else "hidden_states"
-    sample = args[0] if args else kwargs[name]
+    sample = call_sample(args, kwargs)
     batch = sample.shape[0]
     new_args = tuple(_select_batch(a, batch, batch_rows) for a in args)
     new_kwargs = {k: _select_batch(v, batch, batch_rows) for k, v in kwargs.items()}

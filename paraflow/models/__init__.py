@@ -31,8 +31,9 @@ def scheduler_for(own: Any, spec: DictConfig) -> Any:
     `ddim` included), and the other way round: the two kinds do not share schedules."""
     scheduler_class: Any = get_class(spec._target_)
     if is_flow_matching(scheduler_class) != is_flow_matching(type(own)):
-        log.warning("scheduler=%s does not fit this model's %s; keeping the model's own",
-                    spec.name, type(own).__name__)
+        report = log.info if spec.name == "ddim" else log.warning  # ddim: the default
+        report("scheduler=%s does not fit this model's %s; keeping the model's own",
+               spec.name, type(own).__name__)
         return own
     return scheduler_class.from_config(own.config, **plain_dict(spec.options))
 

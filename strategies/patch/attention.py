@@ -100,6 +100,20 @@ class PatchSelfAttnProcessor:
         key, value = self._whole_image(torch.cat([key, value], dim=-1)).chunk(2, dim=-1)
         return attend(attn, query, key, value, mask)
 
+    def joint_attention(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                        image: slice) -> torch.Tensor:
+        """Joint attention (B, heads, tokens, dim) in and out, queries, keys and values normed
+        and rotated: tokens `image` are this band's image tokens, the others (text) every
+        rank's own. This band's queries and the text's attend over the whole image's keys and
+        values and the text's."""
+        heads, dim = key.shape[1], key.shape[-1]
+        band_kv = torch.cat([key[:, :, image], value[:, :, image]], dim=-1)  # (B, H, t, 2d)
+        whole = self._whole_image(band_kv.transpose(1, 2).flatten(2))  # (B, T, H · 2d)
+        whole_k, whole_v = whole.unflatten(-1, (heads, 2 * dim)).transpose(1, 2).chunk(2, -1)
+        key, value = (torch.cat([x[:, :, :image.start], w, x[:, :, image.stop:]], dim=2)
+                      for x, w in ((key, whole_k), (value, whole_v)))
+        return F.scaled_dot_product_attention(query, key, value)
+
     def _band_queries(self, mask: torch.Tensor, tokens: int) -> torch.Tensor:
         """(B, heads, queries, keys) → this band's query rows (a one-row mask is kept)."""
         if mask.shape[2] == 1:

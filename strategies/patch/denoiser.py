@@ -1,10 +1,10 @@
-"""The UNet of a patch-parallel run: each rank runs it on its band of rows (and, with the
-guidance split, its half of the batch); the output bands are all-gathered so every rank holds the
-whole noise prediction, and the scheduler steps the whole latent.
+"""The denoiser (UNet or transformer) of a patch-parallel run: each rank runs it on its band of
+rows (and, with the guidance split, its half of the batch); the output bands are all-gathered so
+every rank holds the whole noise prediction, and the scheduler steps the whole latent.
 
-Split: latent rows (bands) and optionally the guidance batch. Communicated at the UNet's output:
-one all-gather of every rank's output band over all ranks (padded to the tallest band).
-Implemented with forward hooks on the unchanged UNet module.
+Split: latent rows (bands; Flux's packed tokens by whole token rows) and optionally the guidance
+batch. Communicated at the denoiser's output: one all-gather of every rank's output band over all
+ranks (padded to the tallest band). Implemented with forward hooks on the unchanged module.
 """
 
 from __future__ import annotations
@@ -16,7 +16,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from paraflow.adapters import denoiser_output_sample, split_denoiser_call, with_output_sample
+from paraflow.adapters import (
+    call_rows,
+    call_sample,
+    denoiser_output_sample,
+    split_denoiser_call,
+    with_output_sample,
+)
 from paraflow.comm import Communicator
 from paraflow.strategies.patch.bands import BandPlan, band_sizes
 from paraflow.strategies.patch.state import PatchState
@@ -50,6 +56,7 @@ class PatchDenoiserHooks:
     def __init__(self, state: PatchState, layout: Layout) -> None:
         self.state, self.layout = state, layout
         self._full: torch.Tensor | None = None
+        self._per_row = 1  # entries of the sample's dim −2 per latent row (Flux: tokens)
 
     def install(self, unet: nn.Module) -> list[Any]:
         return [unet.register_forward_pre_hook(self.before, with_kwargs=True),
@@ -59,13 +66,16 @@ class PatchDenoiserHooks:
                kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
         layout = self.layout
         part = layout.position(layout.world.rank)[0]
-        sample = args[0] if args else kwargs["sample"]
+        sample = call_sample(args, kwargs)
         batch = sample.shape[0]
         if batch % len(layout.groups):
             raise RuntimeError(f"guidance split needs an even batch, got {batch}")
         half = batch // len(layout.groups)
-        plan = layout.plan(layout.world.rank, sample.shape[-2])
+        latent_rows, self._per_row = call_rows(args, kwargs)
+        plan = layout.plan(layout.world.rank, latent_rows)
         self.state.plan = plan
+        context = kwargs.get("encoder_hidden_states")
+        self.state.context_tokens = 0 if context is None else int(context.shape[1])
         rows = slice(part * half, (part + 1) * half)
         new_args, new_kwargs, self._full = split_denoiser_call(
             args, kwargs, rows, slice(plan.start, plan.stop))
@@ -80,16 +90,19 @@ class PatchDenoiserHooks:
         if full is None:
             raise RuntimeError("patch UNet output hook ran without its input hook")
         local = denoiser_output_sample(output)
-        rows = full.shape[-2]
+        per_row = self._per_row  # bands lie along dim −2: latent rows, or Flux's tokens
+        rows = full.shape[-2] // per_row
         plans = [layout.plan(rank, rows) for rank in range(layout.world.world_size)]
-        tallest = max(max(p.sizes) for p in plans)
+        tallest = max(max(p.sizes) for p in plans) * per_row
         piece = F.pad(local, (0, 0, 0, tallest - local.shape[-2]))
         pieces = layout.world.all_gather(piece)
-        out = local.new_empty((full.shape[0], local.shape[1], *full.shape[2:]))
+        out = local.new_empty((full.shape[0], *local.shape[1:-2], full.shape[-2],
+                               local.shape[-1]))
         half = local.shape[0]
         for rank, (gathered, plan) in enumerate(zip(pieces, plans)):
             part = layout.position(rank)[0]
-            out[part * half:(part + 1) * half, :, plan.start:plan.stop] = \
-                gathered[..., : plan.stop - plan.start, :]
+            start, stop = plan.start * per_row, plan.stop * per_row
+            out[part * half:(part + 1) * half, ..., start:stop, :] = \
+                gathered[..., : stop - start, :]
         self._full = None
         return with_output_sample(output, out)

@@ -11,6 +11,7 @@ from paraflow.strategies.patch.attention import PatchSelfAttnProcessor
 from paraflow.strategies.patch.bands import conv_halo
 from paraflow.strategies.patch.conv import PatchConv2d
 from paraflow.strategies.patch.embed import BandPatchEmbed
+from paraflow.strategies.patch.joint import band_processor
 from paraflow.strategies.patch.groupnorm import PatchGroupNorm
 from paraflow.strategies.patch.state import PatchState
 
@@ -52,7 +53,7 @@ def swap_patch_layers(model: nn.Module, state: PatchState, prefix: str = "",
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, wrapper)
     attn = set_self_attention_processors(
-        model, lambda name: attention(state, prefix + name))
+        model, lambda name, module: band_processor(module, attention(state, prefix + name)))
     place_patch_embedding(model, state)
     convs = sum(isinstance(w, PatchConv2d) for _, w in swaps)
     return {"conv": convs, "groupnorm": len(swaps) - convs, "self_attention": attn}

@@ -41,6 +41,7 @@ class PatchState:
     bucket_bytes: int = 4 << 20
     plan: BandPlan | None = None
     whole_input: torch.Tensor | None = None  # the model call's input, whole (every rank has it)
+    context_tokens: int = 0  # text tokens of the call (Flux's single-stream blocks lead with them)
     step: int = 0
     previous: dict[str, list[torch.Tensor | None]] = field(default_factory=dict)
     _pending: dict[torch.dtype, list[tuple[str, torch.Tensor]]] = field(default_factory=dict)
