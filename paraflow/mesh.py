@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig
 
+from paraflow.adapters import configured_denoiser, guidance_distilled
 from paraflow.comm import Communicator
 from paraflow.errors import ParaflowError
 from paraflow.registry import build_strategy
@@ -74,6 +75,12 @@ def check_cfg_split(cfg: DictConfig) -> None:
         raise ParaflowError(f"strategy.cfg_split=true splits the two guidance branches but "
                             f"guidance_scale={cfg.guidance_scale} turns guidance off; use "
                             "guidance_scale > 1 or cfg_split=false")
+    denoiser = configured_denoiser(cfg.model)
+    if denoiser is not None and guidance_distilled(denoiser):
+        raise ParaflowError(
+            f"strategy.cfg_split=true: model {cfg.model.get('name', cfg.model.get('path'))} is "
+            "guidance-distilled (its guidance scale is an input of the denoiser), so there is "
+            "no unconditional branch to split; use cfg_split=false")
 
 
 def layout_label(name: str, cfg_split: bool, data_degree: int) -> str:

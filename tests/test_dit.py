@@ -1,14 +1,20 @@
-"""Diffusion transformers (PixArt-α/Σ) on one device against diffusers' own pipelines built from
-the same saved folder, and the model facts the strategies read from them."""
+"""Diffusion transformers (PixArt-α/Σ, SD3, Flux) on one device against diffusers' own
+pipelines built from the same saved folder, and the model facts the strategies read from them."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
-from diffusers import PixArtAlphaPipeline, PixArtSigmaPipeline
+from diffusers import (
+    FluxPipeline,
+    PixArtAlphaPipeline,
+    PixArtSigmaPipeline,
+    StableDiffusion3Pipeline,
+)
 
 from paraflow.api import compose
 from paraflow.models import load_pipeline
@@ -21,34 +27,46 @@ PROMPT = "a red circle on the left, blue background"
 ALPHA = ["model.arch=pixart_alpha", "model.transformer.sample_size=128",
          "model.transformer.use_additional_conditions=true",
          "model.transformer.num_attention_heads=3", "model.transformer.cross_attention_dim=24"]
-CASES = {"sigma": (PixArtSigmaPipeline, []), "alpha": (PixArtAlphaPipeline, ALPHA)}
+PIXART_CALL = {"use_resolution_binning": False, "clean_caption": False,
+               "negative_prompt": "green"}
+# name → (stock pipeline, model overrides, the stock call's own arguments). Flux takes no
+# negative prompt (no classifier-free guidance: its guidance scale is an embedded input).
+CASES: dict[str, tuple[Any, list[str], dict[str, Any]]] = {
+    "sigma": (PixArtSigmaPipeline, ["model=tiny_pixart_random"], PIXART_CALL),
+    "alpha": (PixArtAlphaPipeline, ["model=tiny_pixart_random", *ALPHA], PIXART_CALL),
+    "sd3": (StableDiffusion3Pipeline, ["model=tiny_sd3_random"], {"negative_prompt": "green"}),
+    "flux": (FluxPipeline, ["model=tiny_flux_random"], {}),
+}
 
 
 @pytest.fixture(scope="module")
-def pixart_folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("pixart")
+def dit_folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("dit")
     folders = {}
-    for name, (_, overrides) in CASES.items():
-        pipe = load_pipeline(compose(["model=tiny_pixart_random", *overrides]).model)
+    for name, (_, overrides, _) in CASES.items():
+        pipe = load_pipeline(compose(overrides).model)
         pipe.save_pretrained(root / name, safe_serialization=True)
         folders[name] = root / name
     return folders
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_same_image_as_diffusers(name: str, pixart_folders: dict[str, Path],
+def test_same_image_as_diffusers(name: str, dit_folders: dict[str, Path],
                                  tmp_path: Path) -> None:
-    folder, out = pixart_folders[name], tmp_path / "paraflow"
+    folder, out = dit_folders[name], tmp_path / "paraflow"
+    stock_class, _, call = CASES[name]
+    negative = ["negative_prompt=green"] if "negative_prompt" in call else []
     run_paraflow(out, ["model=pretrained", f"model.path={folder}", f"prompt='{PROMPT}'",
                        "seed=3", "guidance_scale=4.5", "save_latents=true", "height=64",
-                       "width=96", "negative_prompt=green"])
-    pipe = CASES[name][0].from_pretrained(folder)
+                       "width=96", *negative])
+    pipe = stock_class.from_pretrained(folder)
     pipe.set_progress_bar_config(disable=True)
-    kwargs = dict(prompt=PROMPT, negative_prompt="green", height=64, width=96,
-                  num_inference_steps=3, guidance_scale=4.5, use_resolution_binning=False,
-                  clean_caption=False, max_sequence_length=16)
+    kwargs = dict(prompt=PROMPT, height=64, width=96, num_inference_steps=3,
+                  guidance_scale=4.5, max_sequence_length=16, **call)
     latents = pipe(**kwargs, generator=torch.Generator().manual_seed(3),
                    output_type="latent").images
+    if stock_class is FluxPipeline:  # packed 2×2 patches → latent image
+        latents = FluxPipeline._unpack_latents(latents, 64, 96, pipe.vae_scale_factor)
     images = pipe(**kwargs, generator=torch.Generator().manual_seed(3), output_type="np").images
 
     ours = read_latents(out)
@@ -57,6 +75,29 @@ def test_same_image_as_diffusers(name: str, pixart_folders: dict[str, Path],
     expected = (images * 255).round().astype(np.uint8)
     diff = np.abs(read_images(out)[0].astype(int) - expected[0].astype(int))
     assert diff.max() <= 1, f"max pixel difference {diff.max()}"
+
+
+def test_flux_keeps_its_flow_schedule_under_the_default_scheduler() -> None:
+    """scheduler=ddim (the default) does not fit a flow-matching model; an explicit flow
+    scheduler's options apply."""
+    kept = load_pipeline(compose(["model=tiny_flux_random"]).model, compose([]).scheduler)
+    assert type(kept.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
+    assert kept.scheduler.config.use_dynamic_shifting
+    shifted = load_pipeline(compose(["model=tiny_sd3_random"]).model,
+                            compose(["scheduler=flow_euler", "+scheduler.options.shift=1.5"])
+                            .scheduler)
+    assert shifted.scheduler.config.shift == 1.5
+
+
+def test_cfg_split_on_a_guidance_distilled_model_is_refused() -> None:
+    from paraflow.errors import ParaflowError
+    from paraflow.validate import validate
+
+    cfg = compose(["model=tiny_flux_random", "+strategy=sync_patch", "strategy.cfg_split=true",
+                   "launcher.devices=2"])
+    with pytest.raises(ParaflowError, match=r"tiny_flux_random is guidance-distilled.*no "
+                                            r"unconditional branch"):
+        validate(cfg, None, devices=False)
 
 
 def _patch_bytes_per_step(ranks: int, height: int, width: int, layers: int, inner: int,
@@ -132,5 +173,5 @@ def test_an_unsupported_pipeline_class_is_named(tmp_path: Path) -> None:
 
     (tmp_path / "model_index.json").write_text('{"_class_name": "KandinskyPipeline"}')
     with pytest.raises(ParaflowError, match="KandinskyPipeline is not supported.*"
-                                            "PixArtSigmaPipeline"):
+                                            "PixArtSigmaPipeline.*FluxPipeline"):
         inspect_folder(str(tmp_path))

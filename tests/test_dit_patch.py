@@ -1,12 +1,12 @@
-"""Patch strategies and Ulysses on a diffusion transformer (tiny PixArt-Σ and -α; Ulysses on
-the tiny UNet too), 2 and 3 gloo ranks,
-against the single-device run. The band is whole rows of the patch grid (image tokens); the
-text tokens are every rank's.
+"""Patch strategies and Ulysses on diffusion transformers (tiny PixArt-Σ and -α, SD3 and Flux;
+Ulysses on the tiny UNet too), 2, 3 and 4 gloo ranks, against the single-device run. The band is
+whole rows of the patch grid (image tokens; Flux's packed 2×2 tokens with their rotary ids); the
+text tokens, joint attention's included, are every rank's.
 
 Tolerances: exact strategies (sync_patch, ulysses, displaced_patch with warm-up covering every step,
 guidance split, data) match one device within 1e-4 max abs difference of the final fp32
 latents, images within 1 grey level. With the default warm-up, displaced patch's PSNR against
-one device beats naive_patch's by at least 10 dB.
+one device beats naive_patch's by at least 10 dB, for each family.
 """
 
 from __future__ import annotations
@@ -20,40 +20,69 @@ from tests.patch_helpers import check_exact, latents, psnr, run_against_one_devi
 pytestmark = pytest.mark.slow  # multi-process launches of whole runs
 
 SIGMA = ["model=tiny_pixart_random", "height=64", "width=64", "steps=3"]
+SD3 = ["model=tiny_sd3_random", "height=64", "width=64", "steps=3"]
+FLUX = ["model=tiny_flux_random", "height=64", "width=64", "steps=3"]
 AS_ALPHA = ["model.arch=pixart_alpha", "model.transformer.sample_size=128",
             "model.transformer.use_additional_conditions=true",
             "model.transformer.num_attention_heads=3", "model.transformer.cross_attention_dim=24"]
 ALPHA = [*SIGMA, *AS_ALPHA]
-# 20 steps, where the reuse of stale activations has time to matter (or not).
-QUALITY = ["model=tiny_pixart_random", "height=64", "width=64", "steps=20"]
+FAMILIES = {"pixart": "tiny_pixart_random", "sd3": "tiny_sd3_random", "flux": "tiny_flux_random"}
 TWO_PROMPTS = ["prompt=[a red circle,a blue square]", "images_per_prompt=2"]
+SYNC, ULYSSES = ["+strategy=sync_patch"], ["+strategy=ulysses"]
+CFG = ["strategy.cfg_split=true"]
+
+
+def _quality(model: str) -> list[str]:
+    """20 steps, where the reuse of stale activations has time to matter (or not)."""
+    return [f"model={model}", "height=64", "width=64", "steps=20"]
 
 
 def _cases(devices: int) -> dict[str, tuple[list[str], list[str]]]:
     """name → (reference overrides, extra overrides of the parallel run)."""
     if devices == 2:
-        return {
-            "sync": (SIGMA, ["+strategy=sync_patch"]),
-            "sync_cfg": (SIGMA, ["+strategy=sync_patch", "strategy.cfg_split=true"]),
-            "alpha_sync": (ALPHA, ["+strategy=sync_patch"]),
-            "alpha_sync_cfg": (ALPHA, ["+strategy=sync_patch", "strategy.cfg_split=true"]),
+        cases = {
+            "sync": (SIGMA, SYNC),
+            "sync_cfg": (SIGMA, [*SYNC, *CFG]),
+            "alpha_sync": (ALPHA, SYNC),
+            "alpha_sync_cfg": (ALPHA, [*SYNC, *CFG]),
             "displaced_warm": (SIGMA, ["+strategy=displaced_patch", "strategy.warmup_steps=3"]),
-            "ulysses": (SIGMA, ["+strategy=ulysses"]),
-            "ulysses_cfg": (SIGMA, ["+strategy=ulysses", "strategy.cfg_split=true"]),
-            "unet_ulysses": (["model=tiny_random", "height=64", "width=64", "steps=3"],
-                             ["+strategy=ulysses"]),
+            "ulysses": (SIGMA, ULYSSES),
+            "ulysses_cfg": (SIGMA, [*ULYSSES, *CFG]),
+            "unet_ulysses": (["model=tiny_random", "height=64", "width=64", "steps=3"], ULYSSES),
             "naive": (SIGMA, ["+strategy=naive_patch"]),
             "data": ([*SIGMA, *TWO_PROMPTS], ["+strategy=data"]),
-            "quality_displaced": (QUALITY, ["+strategy=distrifusion"]),
-            "quality_naive": (QUALITY, ["+strategy=naive_patch"]),
+            "sd3_sync": (SD3, SYNC),
+            "sd3_sync_cfg": (SD3, [*SYNC, *CFG]),
+            "sd3_ulysses": (SD3, ULYSSES),
+            "sd3_ulysses_cfg": (SD3, [*ULYSSES, *CFG]),
+            "sd3_displaced_warm": (SD3, ["+strategy=distrifusion", "strategy.warmup_steps=3"]),
+            "sd3_naive": (SD3, ["+strategy=naive_patch"]),
+            "flux_sync": (FLUX, SYNC),
+            "flux_ulysses": (FLUX, ULYSSES),
+            "flux_displaced_warm": (FLUX, ["+strategy=distrifusion", "strategy.warmup_steps=3"]),
+            "flux_naive": (FLUX, ["+strategy=naive_patch"]),
+            "flux_data": ([*FLUX, *TWO_PROMPTS], ["+strategy=data"]),
         }
-    uneven = ["model=tiny_pixart_random", "height=80", "width=64", "steps=2"]  # bands 4, 4, 2
+        for family, model in FAMILIES.items():
+            cases[f"{family}_quality_displaced"] = (_quality(model), ["+strategy=distrifusion"])
+            cases[f"{family}_quality_naive"] = (_quality(model), ["+strategy=naive_patch"])
+        return cases
+    if devices == 4:  # 64 px: 4 rows of tokens, one per band
+        return {f"{family}_{name}": (ref, extra) for family, ref in (("sd3", SD3), ("flux", FLUX))
+                for name, extra in (("sync", SYNC), ("ulysses", ULYSSES))}
+    uneven = ["height=80", "width=64", "steps=2"]  # bands of 4, 4, 2 latent rows
+    pixart = ["model=tiny_pixart_random", *uneven]
     return {
-        "sync_uneven": (uneven, ["+strategy=sync_patch", "pipeline.stages.decode.parallel=patch"]),
-        "sync_cfg_uneven": (uneven, ["+strategy=sync_patch", "strategy.cfg_split=true"]),
-        "displaced_warm_uneven": (uneven, ["+strategy=distrifusion", "strategy.warmup_steps=2"]),
+        "sync_uneven": (pixart, [*SYNC, "pipeline.stages.decode.parallel=patch"]),
+        "sync_cfg_uneven": (pixart, [*SYNC, *CFG]),
+        "displaced_warm_uneven": (pixart, ["+strategy=distrifusion", "strategy.warmup_steps=2"]),
         # PixArt-α's 3 heads over 3 uneven bands
-        "alpha_ulysses_uneven": ([*uneven, *AS_ALPHA], ["+strategy=ulysses"]),
+        "alpha_ulysses_uneven": ([*pixart, *AS_ALPHA], ULYSSES),
+        "sd3_sync_uneven": (["model=tiny_sd3_random", *uneven], SYNC),
+        "sd3_sync_cfg_uneven": (["model=tiny_sd3_random", *uneven], [*SYNC, *CFG]),
+        "flux_sync_uneven": (["model=tiny_flux_random", *uneven], SYNC),
+        "flux_displaced_warm_uneven": (["model=tiny_flux_random", *uneven],
+                                       ["+strategy=distrifusion", "strategy.warmup_steps=2"]),
     }
 
 
@@ -67,29 +96,38 @@ def three_ranks(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return run_against_one_device(_cases(3), 3, tmp_path_factory.mktemp("dit3"))
 
 
-@pytest.mark.parametrize("name", ["sync", "sync_cfg", "alpha_sync", "alpha_sync_cfg",
-                                  "displaced_warm", "data", "ulysses", "ulysses_cfg",
-                                  "unet_ulysses"])
+@pytest.fixture(scope="module")
+def four_ranks(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    return run_against_one_device(_cases(4), 4, tmp_path_factory.mktemp("dit4"))
+
+
+@pytest.mark.parametrize("name", [n for n in _cases(2) if "naive" not in n
+                                  and "quality" not in n])
 def test_two_ranks_equal_one_device(two_ranks: dict[str, Any], name: str) -> None:
     check_exact(*two_ranks[name])
 
 
-@pytest.mark.parametrize("name", ["sync_uneven", "sync_cfg_uneven", "displaced_warm_uneven",
-                                  "alpha_ulysses_uneven"])
+@pytest.mark.parametrize("name", list(_cases(3)))
 def test_three_ranks_equal_one_device(three_ranks: dict[str, Any], name: str) -> None:
     check_exact(*three_ranks[name])
 
 
-def test_naive_is_not_exact(two_ranks: dict[str, Any]) -> None:
+@pytest.mark.parametrize("name", list(_cases(4)))
+def test_four_ranks_equal_one_device(four_ranks: dict[str, Any], name: str) -> None:
+    check_exact(*four_ranks[name])
+
+
+@pytest.mark.parametrize("name", ["naive", "sd3_naive", "flux_naive"])
+def test_naive_is_not_exact(two_ranks: dict[str, Any], name: str) -> None:
     """Bands that attend only to themselves change the image: the exact tests can fail."""
-    run, ref = two_ranks["naive"]
+    run, ref = two_ranks[name]
     assert float((latents(run) - latents(ref)).abs().max()) > 1e-2
 
 
-def test_displaced_beats_naive(two_ranks: dict[str, Any]) -> None:
-    displaced = psnr(latents(two_ranks["quality_displaced"][0]),
-                     latents(two_ranks["quality_displaced"][1]))
-    naive = psnr(latents(two_ranks["quality_naive"][0]), latents(two_ranks["quality_naive"][1]))
-    print(f"PixArt-Σ tiny, 20 steps, 2 bands: PSNR vs one device: distrifusion {displaced:.1f} "
-          f"dB, naive_patch {naive:.1f} dB")
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_displaced_beats_naive(two_ranks: dict[str, Any], family: str) -> None:
+    displaced = psnr(*(latents(r) for r in two_ranks[f"{family}_quality_displaced"]))
+    naive = psnr(*(latents(r) for r in two_ranks[f"{family}_quality_naive"]))
+    print(f"{FAMILIES[family]}, 20 steps, 2 bands: PSNR vs one device: distrifusion "
+          f"{displaced:.1f} dB, naive_patch {naive:.1f} dB")
     assert displaced >= naive + 10
