@@ -87,6 +87,18 @@ def _packs_latents(config: Any) -> bool:
     return "axes_dims_rope" in config
 
 
+def denoiser_family(config: Any) -> str:
+    """The family a denoiser config belongs to, as per-family data (strategy=tensor's plans) is
+    keyed: unet, pixart, sd3, flux, or transformer (another diffusion transformer)."""
+    if _packs_latents(config):
+        return "flux"
+    if "pos_embed_max_size" in config and "joint_attention_dim" in config:
+        return "sd3"
+    if "caption_channels" in config:
+        return "pixart"
+    return "transformer" if "patch_size" in config else "unet"
+
+
 def guidance_distilled(config: Any) -> bool:
     """A denoiser config that takes no classifier-free guidance: Flux (guidance, if any, is an
     embedded input; FluxPipeline's separate `true_cfg_scale` passes are not run) or an LCM-style
@@ -453,8 +465,9 @@ def split_denoiser_call(args: tuple[Any, ...], kwargs: dict[str, Any], batch_row
     batch = sample.shape[0]
     new_args = tuple(_select_batch(a, batch, batch_rows) for a in args)
     new_kwargs = {k: _select_batch(v, batch, batch_rows) for k, v in kwargs.items()}
-    per_row = call_rows(args, kwargs)[1]
-    band_index = slice(band_rows.start * per_row, band_rows.stop * per_row)
+    rows, per_row = call_rows(args, kwargs)
+    start, stop, _ = band_rows.indices(rows)
+    band_index = slice(start * per_row, stop * per_row)
     band = sample[batch_rows][..., band_index, :]
     if "img_ids" in kwargs:
         new_kwargs["img_ids"] = kwargs["img_ids"][band_index]

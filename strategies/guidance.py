@@ -12,7 +12,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from paraflow.adapters import denoiser_output_sample, split_denoiser_call, with_output_sample
+from paraflow.adapters import (
+    call_sample,
+    denoiser_output_sample,
+    split_denoiser_call,
+    with_output_sample,
+)
 from paraflow.comm import Communicator
 
 
@@ -26,7 +31,7 @@ class GuidanceSplit:
 
     def before(self, module: nn.Module, args: tuple[Any, ...],
                kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        sample = args[0] if args else kwargs["sample"]
+        sample = call_sample(args, kwargs)
         parts = self.comm.world_size
         if sample.shape[0] % parts:
             raise RuntimeError(f"guidance split needs an even batch, got {sample.shape[0]}")

@@ -33,6 +33,7 @@ class TensorStyle(str, Enum):
     colwise = "colwise"  # linear by output features
     colwise_gated = "colwise_gated"  # gated linear (GEGLU) by output features, halves kept paired
     rowwise = "rowwise"  # linear by input features; its output all-reduced
+    rowwise_concat = "rowwise_concat"  # rowwise over cat([x, y]), x as wide as the output
     heads = "heads"  # attention module: told it has heads/N heads
     conv_out = "conv_out"  # conv by output channels
     conv_in = "conv_in"  # conv by input channels; its output all-reduced
@@ -51,8 +52,11 @@ class MeshStrategyConfig(StrategyConfig):
 class TensorStrategyConfig(MeshStrategyConfig):
     _target_: str = "paraflow.strategies.tensor.TensorStrategy"
     name: str = "tensor"
-    component: str = "unet"  # the pipeline module to split
+    component: str | None = None  # the pipeline module to split; None: the denoiser
     plan: dict[str, TensorStyle] = field(default_factory=dict)  # module-name glob -> style
+    # family (unet, pixart, sd3, flux) -> plan, used when `plan` is empty (styles are checked
+    # when the plan is resolved: OmegaConf types no enum values inside nested dicts)
+    plans: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

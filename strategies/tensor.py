@@ -9,13 +9,19 @@ Every rank runs every image through the whole network, holding ~1/N of the split
 - feed-forward: the GEGLU projection column-wise (value and gate rows interleaved first so each
   rank keeps matching halves), the output linear row-wise → one all-reduce of B×T×C;
 - ResNet block: conv1 and time_emb_proj by output channels, norm2 along whole groups, conv2 by
-  input channels → one all-reduce of B×C×H×W.
+  input channels → one all-reduce of B×C×H×W;
+- diffusion transformers: joint attention's text projections as the image's (add_q/k/v
+  column-wise, to_add_out row-wise), Flux's single-stream MLP column-wise and its proj_out over
+  [attention, MLP] row-wise (columns reordered to match). adaLN modulation, embedders and the
+  final layer stay whole on every rank.
 
 Bytes per rank per denoiser call (ring all-reduce, as the communicator counts them):
 2·(N−1)/N · Σ over row-wise and input-split layers of the bytes of their output.
 
-The plan — module-name glob → style — is data (`strategy.plan`, conf/strategy/tensor.yaml); a new
-architecture needs a new plan, not new code. Linears are split by DTensor (`parallelize_module`,
+The plan — module-name glob → style — is data: `strategy.plan`, or when that is empty the plan of
+the model's family in `strategy.plans` (conf/strategy/tensor.yaml: unet, pixart, sd3, flux); a new
+architecture needs a new plan, not new code. A family plan may name layers some of its variants
+lack (SD3.5's second attention); a pattern of `strategy.plan` that matches nothing is an error. Linears are split by DTensor (`parallelize_module`,
 ColwiseParallel / RowwiseParallel with the output left as a partial sum); convolutions and
 GroupNorm by hand (tensor_layers.py). Every reduction goes through the communicator, synchronously,
 so no asynchronous collective tensor outlives a layer.
@@ -33,7 +39,7 @@ from typing import Any, Literal, cast, get_args
 from omegaconf import DictConfig
 from torch import nn
 
-from paraflow.adapters import attention_heads, set_attention_heads
+from paraflow.adapters import attention_heads, denoiser, denoiser_family, set_attention_heads
 from paraflow.comm import Communicator
 from paraflow.context import ParallelContext
 from paraflow.errors import ParaflowError
@@ -53,13 +59,15 @@ from paraflow.strategies.tensor_layers import (
     InputShardedConv2d,
     Reduce,
     finish_rowwise,
+    interleave_concat_inputs,
     interleave_gated,
     move_bias_out,
     shard_conv_out,
     shard_group_norm,
 )
 
-Style = Literal["colwise", "colwise_gated", "rowwise", "heads", "conv_out", "conv_in", "groupnorm"]
+Style = Literal["colwise", "colwise_gated", "rowwise", "rowwise_concat", "heads", "conv_out",
+                "conv_in", "groupnorm"]
 STYLES: tuple[str, ...] = get_args(Style)
 MESH_DIM = "tensor"
 
@@ -86,11 +94,14 @@ def _split_size(name: str, module: nn.Module, style: Style) -> tuple[int, str]:
             raise ParaflowError(f"strategy.plan: {name} ({type(module).__name__}) has no integer "
                                 "`heads`; style 'heads' applies to attention modules")
         return heads, "attention heads"
-    if style in ("colwise", "colwise_gated", "rowwise"):
+    if style in ("colwise", "colwise_gated", "rowwise", "rowwise_concat"):
         need(nn.Linear)
         linear = cast(nn.Linear, module)
         if style == "rowwise":
             return linear.in_features, "input features"
+        if style == "rowwise_concat":
+            return (math.gcd(linear.out_features, linear.in_features - linear.out_features),
+                    "features in each concatenated input")
         if style == "colwise_gated":
             return linear.out_features // 2, "gated features"
         return linear.out_features, "output features"
@@ -104,9 +115,11 @@ def _split_size(name: str, module: nn.Module, style: Style) -> tuple[int, str]:
     return cast(nn.GroupNorm, module).num_groups, "groups"
 
 
-def resolve_plan(model: nn.Module, plan: Mapping[str, str]) -> list[PlannedSplit]:
+def resolve_plan(model: nn.Module, plan: Mapping[str, str], strict: bool = True
+                 ) -> list[PlannedSplit]:
     """The modules of `model` the plan splits, in module order; each takes the first pattern
-    (glob over the dotted module name) that matches it. A pattern matching nothing is an error."""
+    (glob over the dotted module name) that matches it. With `strict`, a pattern matching
+    nothing is an error."""
     for glob, style in plan.items():
         if style not in STYLES:
             raise ParaflowError(f"strategy.plan.{glob}={style}: unknown style; "
@@ -121,7 +134,7 @@ def resolve_plan(model: nn.Module, plan: Mapping[str, str]) -> list[PlannedSplit
         style = cast(Style, plan[pattern])
         splits.append(PlannedSplit(name, style, *_split_size(name, module, style)))
     unused = [p for p, n in hits.items() if n == 0]
-    if unused:
+    if unused and strict:
         raise ParaflowError(f"strategy.plan: {', '.join(unused)} match no module of the "
                             f"denoiser ({type(model).__name__}); fix or remove them")
     return splits
@@ -165,7 +178,9 @@ def apply_plan(model: nn.Module, splits: list[PlannedSplit], mesh: Any, n: int, 
         elif split.style == "colwise_gated":
             interleave_gated(cast(nn.Linear, module), n)
             linear_plan[split.name] = ColwiseParallel()
-        elif split.style == "rowwise":
+        elif split.style in ("rowwise", "rowwise_concat"):
+            if split.style == "rowwise_concat":
+                interleave_concat_inputs(cast(nn.Linear, module), n)
             biases[split.name] = move_bias_out(cast(nn.Linear, module))
             linear_plan[split.name] = RowwiseParallel(output_layouts=Partial())
         elif split.style == "heads":
@@ -190,9 +205,12 @@ class TensorStrategy(StrategyBase):
 
     name = "tensor"
 
-    def __init__(self, plan: Mapping[str, str] | None = None, component: str = "unet",
-                 cfg_split: bool = False, data_degree: int = 1) -> None:
+    def __init__(self, plan: Mapping[str, str] | None = None,
+                 plans: Mapping[str, Mapping[str, str]] | None = None,
+                 component: str | None = None, cfg_split: bool = False,
+                 data_degree: int = 1) -> None:
         self.plan = dict(plan or {})
+        self.plans = {family: dict(p) for family, p in (plans or {}).items()}
         self.component = component
         self.cfg_split, self.data_degree = bool(cfg_split), int(data_degree)
         self.splits: list[PlannedSplit] = []
@@ -200,9 +218,21 @@ class TensorStrategy(StrategyBase):
         self.reduce: Reduce | None = None
         self.guidance: GuidanceSplit | None = None
         self.replicas = DataReplicas()
-        if not self.plan:
+        if not self.plan and not self.plans:
             raise ParaflowError("strategy.plan is empty: give module-name globs and styles "
                                 f"({', '.join(STYLES)}), as conf/strategy/tensor.yaml does")
+
+    def splits_of(self, model: nn.Module) -> list[PlannedSplit]:
+        """What the plan splits in `model`: strategy.plan, or its family's plan."""
+        if self.plan:
+            return resolve_plan(model, self.plan)
+        family = denoiser_family(getattr(model, "config", {}))
+        if family not in self.plans:
+            raise ParaflowError(
+                f"strategy=tensor has no plan for this model's family ({family}); give "
+                f"strategy.plan (module-name glob -> style) or strategy.plans.{family}; "
+                f"families with a plan: {', '.join(self.plans)}")
+        return resolve_plan(model, self.plans[family], strict=False)
 
     @property
     def mode(self) -> str:
@@ -230,7 +260,7 @@ class TensorStrategy(StrategyBase):
             what = "ranks" if n == world else (
                 f"tensor ranks ({world} = data {layout['data']} × cfg {layout['cfg']} × tensor "
                 f"{n})")
-            check_divisible(resolve_plan(skeleton, self.plan), n, what)
+            check_divisible(self.splits_of(skeleton), n, what)
 
     def setup(self, ctx: ParallelContext) -> None:
         mesh = mesh_of(ctx, self.mesh_layout(ctx.world_size))
@@ -243,11 +273,11 @@ class TensorStrategy(StrategyBase):
         self.replicas = DataReplicas.of(ctx, mesh)
 
     def parallelize(self, pipe: Any, ctx: ParallelContext) -> None:
-        model = getattr(pipe, self.component, None)
+        model = denoiser(pipe) if self.component is None else getattr(pipe, self.component, None)
         if not isinstance(model, nn.Module):
             raise ParaflowError(f"strategy.component={self.component}: the pipeline has no such "
                                 "module")
-        self.splits = resolve_plan(model, self.plan)
+        self.splits = self.splits_of(model)
         if self.guidance is not None:
             self.guidance.install(model)
         if self.mesh is None or self.reduce is None or self.mesh.size() == 1:

@@ -131,3 +131,17 @@ def interleave_gated(linear: nn.Linear, n: int) -> None:
     linear.weight = _param(permute(linear.weight), linear.weight)
     if linear.bias is not None:
         linear.bias = _param(permute(linear.bias), linear.bias)
+
+
+def interleave_concat_inputs(linear: nn.Linear, n: int) -> None:
+    """A linear over cat([x, y]) whose x (as wide as the output) and y arrive split by columns
+    (Flux's single-stream proj_out over [attention, MLP]): input columns reordered to [x_0, y_0,
+    x_1, y_1, …], so a contiguous row-wise split hands rank r its own [x_r, y_r]. Same function,
+    columns permuted; no communication."""
+    first, second = linear.out_features, linear.in_features - linear.out_features
+    if first % n or second % n:
+        raise ValueError(f"inputs of {first} + {second} features do not divide into {n} pieces")
+    order = torch.cat([torch.cat([torch.arange(first)[shard_slice(first, n, r)],
+                                  first + torch.arange(second)[shard_slice(second, n, r)]])
+                       for r in range(n)])
+    linear.weight = _param(linear.weight[:, order], linear.weight)

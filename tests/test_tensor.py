@@ -34,7 +34,7 @@ COMMON = ["save_latents=true", "launcher.threads_per_rank=1"]
 
 
 def default_plan() -> dict[str, str]:
-    return build_strategy(compose(["+strategy=tensor"]).strategy).plan
+    return build_strategy(compose(["+strategy=tensor"]).strategy).plans["unet"]
 
 
 # --- without processes ------------------------------------------------------------------------
