@@ -14,6 +14,7 @@ import inspect
 import json
 import re
 from collections.abc import Callable, Iterator, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,11 @@ from paraflow.models.pretrained import inspect_folder, looks_like_hub_id
 
 TIME_IDS = 6  # SDXL micro-conditioning: original size, crop offset, target size (2 each)
 FLUX_PACK = 2  # Flux packs 2×2 latent pixels into one token
+# Every pipeline's text encoders by component name (SDXL's second CLIP, SD3's CLIPs and T5, Flux's
+# CLIP and T5): what the encode stage places and what prompt embeddings depend on.
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
+# The token rows of the Flux call under way (set by denoiser_forward, read by call_rows).
+_FLUX_TOKEN_ROWS: ContextVar[int | None] = ContextVar("flux_token_rows", default=None)
 
 
 @dataclass
@@ -402,10 +408,16 @@ def _encode_pixart(pipe: Any, prompts: list[str], negative_prompt: str | None,
                         {k: torch.cat([negative[k], v]) for k, v in added.items()})
 
 
+def t5_token_limit(pipeline_class: Any) -> int:
+    """The T5 prompt length a DiT pipeline encodes by default (PixArt-α 120, PixArt-Σ 300, SD3
+    256, Flux 512)."""
+    signature = inspect.signature(pipeline_class.encode_prompt)
+    return int(signature.parameters["max_sequence_length"].default)
+
+
 def _t5_tokens(pipe: Any, t5_tokenizer: Any) -> int:
     """The T5 prompt length: the pipeline's default, or the tokenizer's limit if shorter."""
-    limit = inspect.signature(pipe.encode_prompt).parameters["max_sequence_length"].default
-    return min(int(limit), int(t5_tokenizer.model_max_length))
+    return min(t5_token_limit(type(pipe)), int(t5_tokenizer.model_max_length))
 
 
 def _encode_mmdit(pipe: Any, prompts: list[str], negative_prompt: str | None,
@@ -445,13 +457,14 @@ def call_sample(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
 def call_rows(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, int]:
     """(latent rows of a denoiser call, entries of its sample's dim −2 per latent row). A
     latent image's rows are its dim −2 (1 per row); Flux's packed tokens run row-major over 2×2
-    patches, so a latent row is half a token row (the rows are read from the last image id: one
-    small device-to-host read per call)."""
+    patches, so a latent row is half a token row. The token rows of a call made by
+    denoiser_forward are known without reading the ids (no device-to-host copy; meta tensors
+    in the planner); another caller's are read from the last image id."""
     sample = call_sample(args, kwargs)
     ids = kwargs.get("img_ids")
     if ids is None:
         return int(sample.shape[-2]), 1
-    token_rows = int(ids[-1, 1]) + 1
+    token_rows = _FLUX_TOKEN_ROWS.get() or int(ids[-1, 1]) + 1
     return token_rows * FLUX_PACK, sample.shape[-2] // token_rows // FLUX_PACK
 
 
@@ -529,10 +542,15 @@ def _flux_forward(model: Any, latents: torch.Tensor, timestep: torch.Tensor,
         batch, rows // FLUX_PACK, cols // FLUX_PACK, latents.device, latents.dtype)
     txt_ids = torch.zeros(cond.embeds.shape[1], 3, device=latents.device, dtype=latents.dtype)
     added = cond.added or {}
-    out = model(hidden_states=packed, timestep=timestep.to(latents.dtype) / 1000,
-                guidance=added.get("guidance"), pooled_projections=added["pooled_projections"],
-                encoder_hidden_states=cond.embeds, txt_ids=txt_ids, img_ids=img_ids,
-                return_dict=False)[0]
+    known = _FLUX_TOKEN_ROWS.set(rows // FLUX_PACK)
+    try:
+        out = model(hidden_states=packed, timestep=timestep.to(latents.dtype) / 1000,
+                    guidance=added.get("guidance"),
+                    pooled_projections=added["pooled_projections"],
+                    encoder_hidden_states=cond.embeds, txt_ids=txt_ids, img_ids=img_ids,
+                    return_dict=False)[0]
+    finally:
+        _FLUX_TOKEN_ROWS.reset(known)
     # _unpack_latents takes pixel sizes and the VAE's factor: latent sizes with a factor of 1.
     return FluxPipeline._unpack_latents(out, rows, cols, 1)  # type: ignore[no-any-return]
 

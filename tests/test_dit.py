@@ -144,6 +144,49 @@ def test_planned_ulysses_bytes_equal_the_formula() -> None:
     assert [row.comm_per_step for row in plan.ranks] == [[want] * 2] * 4
 
 
+def _flux_bytes_per_step(strategy: str, ranks: int, height: int, width: int) -> int:
+    """tiny_flux_random (1 double- and 2 single-stream blocks, width 32, 16 text tokens, 2×2
+    packed tokens of 16 channels, no classifier-free guidance: batch 1), fp32, per rank and step.
+    sync_patch: each attention's band keys and values to every other rank, then the output band.
+    ulysses: each attention's two all-to-alls (4 · band tokens · width · (N − 1)/N) and the
+    all-gather of the text's attention output by head share, then the output band.
+    tensor: ring all-reduces (2 · (N − 1)/N) of every row-wise output: the double block's image
+    and text attention outputs and feed-forwards, each single block's proj_out over text and
+    image tokens."""
+    layers, inner, text, channels = 3, 32, 16, 16
+    image = (height // 16) * (width // 16)
+    band = image // ranks
+    output = band * channels * 4 * (ranks - 1)
+    if strategy == "sync_patch":
+        return layers * band * 2 * inner * 4 * (ranks - 1) + output
+    if strategy == "ulysses":
+        all_to_all = layers * 4 * band * inner * 4 * (ranks - 1) // ranks
+        return all_to_all + layers * text * (inner // ranks) * 4 * (ranks - 1) + output
+    elements = 2 * image * inner + 2 * text * inner + 2 * (text + image) * inner
+    return 2 * (ranks - 1) * elements * 4 // ranks
+
+
+@pytest.mark.parametrize("strategy", ["sync_patch", "ulysses", "tensor"])
+def test_planned_flux_bytes_equal_the_formula(strategy: str) -> None:
+    from paraflow.plan import make_plan
+
+    plan = make_plan(compose(["model=tiny_flux_random", f"+strategy={strategy}",
+                              "launcher.devices=4", "height=128", "width=96", "steps=2"]))
+    want = _flux_bytes_per_step(strategy, 4, 128, 96)
+    assert [row.comm_per_step for row in plan.ranks] == [[want] * 2] * 4
+
+
+def test_tensor_without_a_plan_for_the_family_names_the_families() -> None:
+    from paraflow.errors import ParaflowError
+    from paraflow.validate import validate
+
+    cfg = compose(["model=tiny_flux_random", "+strategy=tensor", "launcher.devices=2",
+                   "~strategy.plans.flux"])
+    with pytest.raises(ParaflowError, match=r"no plan for this model's family \(flux\).*"
+                                            r"families with a plan: unet, pixart, sd3"):
+        validate(cfg, None, devices=False)
+
+
 def test_heads_that_do_not_divide_are_refused_with_the_degrees_that_work() -> None:
     from paraflow.errors import ParaflowError
     from paraflow.validate import validate

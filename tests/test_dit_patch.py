@@ -1,4 +1,4 @@
-"""Patch strategies and Ulysses on diffusion transformers (tiny PixArt-Σ and -α, SD3 and Flux;
+"""Patch strategies, Ulysses and tensor parallelism on diffusion transformers (tiny PixArt-Σ and -α, SD3 and Flux;
 Ulysses on the tiny UNet too), 2, 3 and 4 gloo ranks, against the single-device run. The band is
 whole rows of the patch grid (image tokens; Flux's packed 2×2 tokens with their rotary ids); the
 text tokens, joint attention's included, are every rank's.
@@ -28,7 +28,7 @@ AS_ALPHA = ["model.arch=pixart_alpha", "model.transformer.sample_size=128",
 ALPHA = [*SIGMA, *AS_ALPHA]
 FAMILIES = {"pixart": "tiny_pixart_random", "sd3": "tiny_sd3_random", "flux": "tiny_flux_random"}
 TWO_PROMPTS = ["prompt=[a red circle,a blue square]", "images_per_prompt=2"]
-SYNC, ULYSSES = ["+strategy=sync_patch"], ["+strategy=ulysses"]
+SYNC, ULYSSES, TENSOR = ["+strategy=sync_patch"], ["+strategy=ulysses"], ["+strategy=tensor"]
 CFG = ["strategy.cfg_split=true"]
 
 
@@ -62,14 +62,22 @@ def _cases(devices: int) -> dict[str, tuple[list[str], list[str]]]:
             "flux_displaced_warm": (FLUX, ["+strategy=distrifusion", "strategy.warmup_steps=3"]),
             "flux_naive": (FLUX, ["+strategy=naive_patch"]),
             "flux_data": ([*FLUX, *TWO_PROMPTS], ["+strategy=data"]),
+            "pixart_tensor": (SIGMA, TENSOR),
+            "pixart_tensor_cfg": (SIGMA, [*TENSOR, *CFG]),
+            "sd3_tensor": (SD3, TENSOR),
+            "sd3_tensor_cfg": (SD3, [*TENSOR, *CFG]),
+            "flux_tensor": (FLUX, TENSOR),
         }
         for family, model in FAMILIES.items():
             cases[f"{family}_quality_displaced"] = (_quality(model), ["+strategy=distrifusion"])
             cases[f"{family}_quality_naive"] = (_quality(model), ["+strategy=naive_patch"])
         return cases
     if devices == 4:  # 64 px: 4 rows of tokens, one per band
-        return {f"{family}_{name}": (ref, extra) for family, ref in (("sd3", SD3), ("flux", FLUX))
-                for name, extra in (("sync", SYNC), ("ulysses", ULYSSES))}
+        cases = {f"{family}_{name}": (ref, extra) for family, ref in (("sd3", SD3), ("flux", FLUX))
+                 for name, extra in (("sync", SYNC), ("ulysses", ULYSSES), ("tensor", TENSOR))}
+        return {**cases,  # hybrids on one mesh: cfg 2 × ulysses 2, data 2 × tensor 2
+                "sd3_ulysses_cfg": (SD3, [*ULYSSES, *CFG]),
+                "flux_data_tensor": ([*FLUX, *TWO_PROMPTS], [*TENSOR, "strategy.data_degree=2"])}
     uneven = ["height=80", "width=64", "steps=2"]  # bands of 4, 4, 2 latent rows
     pixart = ["model=tiny_pixart_random", *uneven]
     return {

@@ -20,6 +20,7 @@ from tests.patch_helpers import config, run_many, run_single
 
 BASE = ["width=64", "steps=3", "launcher.devices=2"]
 SD, PIXART = "model=tiny_random", "model=tiny_pixart_random"
+SD3, FLUX = "model=tiny_sd3_random", "model=tiny_flux_random"
 RUNS = {
     "sync_patch": [SD, "+strategy=sync_patch", "height=64"],
     # steps 0-1 synchronous, step 2 displaced without GroupNorm traffic (fewer bytes)
@@ -32,6 +33,12 @@ RUNS = {
     "pixart_ulysses": [PIXART, "+strategy=ulysses", "height=80"],  # uneven: 6 and 4 rows
     "pixart_displaced": [PIXART, "+strategy=displaced_patch", "height=80",
                          "strategy.warmup_steps=1"],
+    "sd3_sync_patch": [SD3, "+strategy=sync_patch", "height=64"],
+    "sd3_tensor": [SD3, "+strategy=tensor", "height=64"],
+    "flux_ulysses": [FLUX, "+strategy=ulysses", "height=80"],  # 3 and 2 rows of tokens
+    "flux_tensor": [FLUX, "+strategy=tensor", "height=64"],
+    "flux_displaced": [FLUX, "+strategy=displaced_patch", "height=80",
+                       "strategy.warmup_steps=1"],
 }
 
 
@@ -53,7 +60,7 @@ def test_planned_bytes_equal_the_counted_bytes(
         assert steps == record["comm_bytes_per_step"][rank], (name, rank)
         assert row.comm_decode + row.comm_gather == record["comm_bytes_outside_steps"][rank]
         assert row.comm_run == record["comm_bytes"][rank]
-    if name in ("displaced", "pixart_displaced"):
+    if name in ("displaced", "pixart_displaced", "flux_displaced"):
         per_step = plan.ranks[0].comm_per_step
         if name == "displaced":  # no GroupNorm sums once displaced
             assert per_step[0] == per_step[1] > per_step[2]

@@ -17,10 +17,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from paraflow.adapters import TEXT_ENCODERS, configured_denoiser, denoiser_family, t5_token_limit
 from paraflow.config import plain_dict
 
 # The modules a run holds (a pipeline has a unet or a transformer).
-COMPONENTS = ("unet", "transformer", "vae", "text_encoder", "text_encoder_2")
+COMPONENTS = ("unet", "transformer", "vae", *TEXT_ENCODERS)
 
 
 def built_from_config(model_cfg: DictConfig) -> bool:
@@ -110,11 +111,38 @@ def pipeline_skeleton(model_cfg: DictConfig) -> dict[str, nn.Module] | None:
 
 
 def prompt_tokens(model_cfg: DictConfig) -> int:
-    """Tokens per prompt the text encoders emit (the cross-attention key length)."""
+    """Text tokens per prompt the denoiser reads (the cross-attention key length): the CLIP
+    tokenizer's length for UNets; T5's, up to the pipeline's limit, for PixArt and Flux; SD3's
+    CLIP and T5 sequences one after the other."""
+    family = denoiser_family(configured_denoiser(model_cfg) or {})
+    if family in ("unet", "transformer"):
+        return _tokenizer_length(model_cfg, "tokenizer")
+    t5 = min(t5_token_limit(_pipeline_class(model_cfg)),
+             _tokenizer_length(model_cfg, {"sd3": "tokenizer_3", "flux": "tokenizer_2"}
+                               .get(family, "tokenizer")))
+    return t5 + _tokenizer_length(model_cfg, "tokenizer") if family == "sd3" else t5
+
+
+def _tokenizer_length(model_cfg: DictConfig, name: str) -> int:
+    """A tokenizer's length: a built-from-config model's `max_tokens` (all its tokenizers), a
+    folder's tokenizer config, or CLIP's 77."""
     if built_from_config(model_cfg):
         return int(model_cfg.get("max_tokens", 16))
     folder = model_folder(model_cfg)
-    config = None if folder is None else folder / "tokenizer" / "tokenizer_config.json"
+    config = None if folder is None else folder / name / "tokenizer_config.json"
     if config is not None and config.is_file():
         return int(json.loads(config.read_text()).get("model_max_length", 77))
     return 77
+
+
+def _pipeline_class(model_cfg: DictConfig) -> Any:
+    """The diffusers pipeline class a model config builds or loads."""
+    from paraflow.models.pretrained import SUPPORTED
+    from paraflow.models.tiny_dit import PIPELINES
+
+    if built_from_config(model_cfg):
+        arch = model_cfg.arch
+        return PIPELINES[getattr(arch, "value", arch)]  # DiTArch, or its name
+    folder = model_folder(model_cfg)
+    index = {} if folder is None else json.loads((folder / "model_index.json").read_text())
+    return SUPPORTED.get(str(index.get("_class_name")), PIPELINES["pixart_sigma"])

@@ -43,6 +43,7 @@ FLUX_SCHEDULER_CONFIG: dict[str, Any] = {
     "base_shift": 0.5, "max_shift": 1.15, "base_image_seq_len": 256, "max_image_seq_len": 4096,
 }
 PIXART = {"pixart_alpha": PixArtAlphaPipeline, "pixart_sigma": PixArtSigmaPipeline}
+PIPELINES = {**PIXART, "sd3": StableDiffusion3Pipeline, "flux": FluxPipeline}
 
 
 def _t5(tokenizer: Any, config: dict[str, Any]) -> T5EncoderModel:

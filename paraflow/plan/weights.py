@@ -12,11 +12,12 @@ from hydra.utils import get_class
 from omegaconf import DictConfig
 from torch import nn
 
+from paraflow.adapters import TEXT_ENCODERS
 from paraflow.config import Offload, Placement, Precision
 from paraflow.graph import execution_order
 from paraflow.policy import DTYPES
 
-PHASES = {"encode": ("text_encoder", "text_encoder_2"), "denoise": ("unet", "transformer"),
+PHASES = {"encode": TEXT_ENCODERS, "denoise": ("unet", "transformer"),
           "decode": ("vae",)}
 
 

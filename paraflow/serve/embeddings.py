@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from safetensors.torch import load, save
 
-from paraflow.adapters import Conditioning, encode_prompts, uses_guidance
+from paraflow.adapters import TEXT_ENCODERS, Conditioning, encode_prompts, uses_guidance
 from paraflow.graph import StageEnv
 from paraflow.stages.encode import EncodePrompt
 
@@ -100,7 +100,7 @@ class EmbeddingCache:
 
 def embedding_key(env: StageEnv, prompt: str, guidance: bool) -> str:
     cfg, pipe = env.cfg, env.pipe
-    encoders = [getattr(pipe, n, None) for n in ("text_encoder", "text_encoder_2")]
+    encoders = [getattr(pipe, n, None) for n in TEXT_ENCODERS]
     names = [f"{type(e).__name__}:{getattr(e.config, '_name_or_path', '')}" for e in encoders
              if e is not None]
     parts = [str(cfg.model.name), *names, str(env.dtype), str(guidance),

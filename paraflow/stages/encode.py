@@ -2,14 +2,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from paraflow.adapters import encode_prompts, uses_guidance
+from paraflow.adapters import TEXT_ENCODERS, encode_prompts, uses_guidance
 from paraflow.graph import StageEnv
 
 
 class EncodePrompt:
     """Prompts (one per image) → text conditioning, negative branch first when guidance is on."""
 
-    components = ("text_encoder", "text_encoder_2")
+    components = TEXT_ENCODERS
 
     def __call__(self, env: StageEnv, prompts: list[str]) -> dict[str, Any]:
         cfg = env.cfg
