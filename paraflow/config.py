@@ -100,6 +100,7 @@ class TinyDiTModelConfig:
     arch: DiTArch = DiTArch.pixart_sigma
     init_seed: int = 0
     max_tokens: int = 16
+    t5_tokens: int | None = None  # T5's prompt length; None: max_tokens
     vocabulary: list[str] | None = None
     transformer: dict[str, Any] = field(default_factory=dict)
     vae: dict[str, Any] = field(default_factory=dict)

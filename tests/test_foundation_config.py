@@ -40,10 +40,14 @@ def test_model_configs_compose(name: str) -> None:
 
 @pytest.mark.parametrize("name", group_options("scheduler"))
 def test_scheduler_configs_instantiate(name: str) -> None:
-    cfg = compose([f"scheduler={name}"])
+    flow = name.startswith("flow")  # flow-matching schedulers go with SD3 and Flux
+    cfg = compose([f"scheduler={name}", *(["model=tiny_sd3_random"] if flow else [])])
     pipe = load_pipeline(cfg.model, cfg.scheduler)
     assert type(pipe.scheduler).__name__ == cfg.scheduler._target_.rsplit(".", 1)[1]
-    assert pipe.scheduler.config.beta_schedule == "scaled_linear"  # the model's schedule kept
+    if flow:
+        assert pipe.scheduler.config.shift == 3.0  # the model's schedule kept
+    else:
+        assert pipe.scheduler.config.beta_schedule == "scaled_linear"
 
 
 @pytest.mark.parametrize("name", group_options("strategy"))
@@ -100,8 +104,8 @@ def test_too_many_cuda_devices(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_incomplete_and_unsupported_folders(tmp_path: Path) -> None:
-    (tmp_path / "model_index.json").write_text('{"_class_name": "FluxPipeline"}')
-    with pytest.raises(ParaflowError, match="FluxPipeline is not supported"):
+    (tmp_path / "model_index.json").write_text('{"_class_name": "KandinskyV22Pipeline"}')
+    with pytest.raises(ParaflowError, match="KandinskyV22Pipeline is not supported"):
         validate(compose(["model=pretrained", f"model.path={tmp_path}"]), None)
     (tmp_path / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
     (tmp_path / "unet").mkdir()

@@ -119,15 +119,16 @@ def prompt_tokens(model_cfg: DictConfig) -> int:
         return _tokenizer_length(model_cfg, "tokenizer")
     t5 = min(t5_token_limit(_pipeline_class(model_cfg)),
              _tokenizer_length(model_cfg, {"sd3": "tokenizer_3", "flux": "tokenizer_2"}
-                               .get(family, "tokenizer")))
+                               .get(family, "tokenizer"), is_t5=True))
     return t5 + _tokenizer_length(model_cfg, "tokenizer") if family == "sd3" else t5
 
 
-def _tokenizer_length(model_cfg: DictConfig, name: str) -> int:
-    """A tokenizer's length: a built-from-config model's `max_tokens` (all its tokenizers), a
-    folder's tokenizer config, or CLIP's 77."""
+def _tokenizer_length(model_cfg: DictConfig, name: str, is_t5: bool = False) -> int:
+    """A tokenizer's length: a built-from-config model's `max_tokens` (T5's `t5_tokens`, if
+    set), a folder's tokenizer config, or CLIP's 77."""
     if built_from_config(model_cfg):
-        return int(model_cfg.get("max_tokens", 16))
+        t5 = model_cfg.get("t5_tokens") if is_t5 else None
+        return int(t5 or model_cfg.get("max_tokens", 16))
     folder = model_folder(model_cfg)
     config = None if folder is None else folder / name / "tokenizer_config.json"
     if config is not None and config.is_file():

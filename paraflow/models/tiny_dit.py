@@ -63,11 +63,13 @@ def build_tiny_dit(
     init_seed: int = 0,
     max_tokens: int = 16,
     vocabulary: list[str] | None = None,
+    t5_tokens: int | None = None,
 ) -> Any:
     """A randomly initialised DiT pipeline. `text_encoder` is a T5Config; `clip` a CLIPTextConfig
-    (SD3's first CLIP, Flux's only one), `clip_2` SD3's second CLIP (default: as `clip`)."""
+    (SD3's first CLIP, Flux's only one), `clip_2` SD3's second CLIP (default: as `clip`).
+    Tokenizers pad to `max_tokens`, T5's to `t5_tokens` if given."""
     words = list(vocabulary or DEFAULT_VOCABULARY)
-    t5_tokenizer = build_word_tokenizer(words, max_tokens, t5=True)
+    t5_tokenizer = build_word_tokenizer(words, t5_tokens or max_tokens, t5=True)
     torch.manual_seed(init_seed)
     t5 = _t5(t5_tokenizer, text_encoder)
     autoencoder = AutoencoderKL(**vae)
