@@ -1,7 +1,7 @@
-"""Patch strategies, Ulysses and tensor parallelism on diffusion transformers (tiny PixArt-Σ and -α, SD3 and Flux;
-Ulysses on the tiny UNet too), 2, 3 and 4 gloo ranks, against the single-device run. The band is
-whole rows of the patch grid (image tokens; Flux's packed 2×2 tokens with their rotary ids); the
-text tokens, joint attention's included, are every rank's.
+"""Patch strategies, Ulysses and tensor parallelism on diffusion transformers (tiny PixArt-Σ
+and -α, SD3 and Flux; Ulysses on the tiny UNet too), 2, 3 and 4 gloo ranks, against the
+single-device run. The band is whole rows of the patch grid (image tokens; Flux's packed 2×2
+tokens with their rotary ids); the text tokens, joint attention's included, are every rank's.
 
 Tolerances: exact strategies (sync_patch, ulysses, displaced_patch with warm-up covering every step,
 guidance split, data) match one device within 1e-4 max abs difference of the final fp32

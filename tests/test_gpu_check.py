@@ -19,6 +19,7 @@ def test_gpu_check_quick_on_cpu(tmp_path: Path) -> None:
     results = json.loads((tmp_path / "gpu_check.json").read_text())
     assert [p["model"] for p in results["parity"]] == ["tiny", "tiny_xl_random"]
     assert all(p["max_abs_latents"] <= 1e-5 for p in results["parity"])
-    assert [b["bands"] for b in results["bands"]] == [1, 2, 4, 8]
+    assert [case["model"] for case in results["bands"]] == ["tiny_xl_random", "tiny_flux_random"]
+    assert all([b["bands"] for b in case["rows"]] == [1, 2, 4, 8] for case in results["bands"])
     assert results["shared"]["ok"] and results["shared"]["max_abs_latents"] <= 1e-4
     assert "GPU check on CPU" in (tmp_path / "gpu_check.md").read_text()

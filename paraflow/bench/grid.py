@@ -117,13 +117,15 @@ def summarize(cell: Cell, timed: list[dict[str, Any]], memory: dict[str, Any] | 
     latency = statistics.median(r["latency_s"] for r in timed)
     images = int(first["n_images"])
     steps = list(first["comm_bytes_per_step"][0].values())
+    params = first["param_bytes"]
+    denoiser_bytes = params["unet"] if "unet" in params else params["transformer"]
     row: dict[str, Any] = {**asdict(cell), "extra": list(cell.extra), "status": "ok",
                            "images": images, "latency_s": latency,
                            "latencies_s": [r["latency_s"] for r in timed],
                            "images_per_s": images / latency, "speedup": None,
                            "bytes_per_step_per_rank": statistics.median(steps) if steps else 0,
                            "bytes_per_image_per_rank": first["comm_bytes"][0] / images,
-                           "unet_mb_per_rank": [b / MB for b in first["param_bytes"]["unet"]],
+                           "denoiser_mb_per_rank": [b / MB for b in denoiser_bytes],
                            "peak_mb_per_rank": [b / MB for b in first["peak_memory_bytes"]],
                            "working_mb_per_rank": None, "psnr_db": None,
                            "psnr_latents_db": None, "identical_to_single": None,

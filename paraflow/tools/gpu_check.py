@@ -6,9 +6,10 @@
 1. parity: one device, fp16 (cpu: fp32) for every stage, paraflow against stock diffusers
    driven on the same components with the same seed, for the default model and `sdxl_arch`
    (quick: `tiny_xl_random`); max |Δ| of the final latents and PSNR of the image.
-2. bands: the UNet's compute time on 1, 2, 4 and 8 bands of rows of `sdxl_arch` at 2048²
-   (quick: `tiny_xl_random` at 256²), each band's call against the whole image's / N: the
-   compute ceiling of patch parallelism (no communication, CUDA events, median of 5).
+2. bands: the denoiser's compute time on 1, 2, 4 and 8 bands of rows of `sdxl_arch`,
+   `flux_arch` and `pixart_sigma_arch` at 2048² (quick: `tiny_xl_random`, `tiny_flux_random` at
+   256²), each band's call against the whole image's / N: the compute ceiling of patch
+   parallelism (no communication, synchronized timers, median of 5).
 3. shared: `sync_patch` on 2 ranks sharing the one device over gloo with device tensors, against
    one device within 1e-4; if gloo refuses device tensors for a collective, which one.
 
@@ -80,35 +81,47 @@ def parity(model: str, size: int, steps: int, device: torch.device) -> dict[str,
 
 
 def bands(model: str, size: int, device: torch.device, repeats: int = 5) -> list[dict[str, Any]]:
-    """Median time of one UNet call on a band of 1/N of the latent rows, N = 1, 2, 4, 8."""
+    """Median time of one denoiser call (UNet or transformer, through the adapter as a run calls
+    it) on a band of 1/N of the latent rows, N = 1, 2, 4, 8. The denoiser is built on the meta
+    device and given random weights on `device` (no text encoders, no VAE, no CPU copy)."""
     from paraflow.adapters import (
-        added_condition_widths,
+        Conditioning,
+        conditioning_extras,
         configured_latent_downsampling,
         context_width,
+        denoiser_forward,
         latent_channels,
+        uses_guidance,
     )
     from paraflow.api import compose
-    from paraflow.models import load_pipeline
+    from paraflow.models import denoiser_skeleton
+    from paraflow.models.skeleton import prompt_tokens
 
     cfg = compose([f"model={model}"])
-    unet = load_pipeline(cfg.model).unet
     dtype = torch.float16 if device.type == "cuda" else torch.float32
-    unet = unet.to(device=device, dtype=dtype).eval()
+    net = denoiser_skeleton(cfg.model).to_empty(device=device).to(dtype).eval()
+    with torch.no_grad():
+        for param in net.parameters():
+            param.normal_(0.0, 0.02)
     rows = size // configured_latent_downsampling(cfg.model)
-    embeds = torch.randn(2, 77, context_width(unet), device=device, dtype=dtype)
-    widths = added_condition_widths(unet)
-    added = None if widths is None else {
-        k: torch.randn(2, w, device=device, dtype=dtype) for k, w in widths.items()}
+    tokens = prompt_tokens(cfg.model)
+    batch = 2 if uses_guidance(net, 5.0) else 1
+    extras = conditioning_extras(net, tokens) or {}
+    added = {k: (torch.ones if k.endswith("mask") else torch.randn)(
+        batch, *shape, device=device, dtype=dtype) for k, shape in extras.items()}
+    cond = Conditioning(torch.randn(batch, tokens, context_width(net), device=device,
+                                    dtype=dtype), added or None)
+    t = torch.tensor(500.0, device=device)
     out = []
     for n in (1, 2, 4, 8):
-        sample = torch.randn(2, latent_channels(unet), rows // n, rows, device=device,
+        sample = torch.randn(batch, latent_channels(net), rows // n, rows, device=device,
                              dtype=dtype)
         times = []
         with torch.inference_mode():
             for _ in range(repeats + 1):  # the first call warms up kernels and allocator
                 _sync(device)
                 start = time.perf_counter()
-                unet(sample, 500, encoder_hidden_states=embeds, added_cond_kwargs=added)
+                denoiser_forward(net, sample, t, cond)
                 _sync(device)
                 times.append(time.perf_counter() - start)
         out.append({"bands": n, "band_rows": rows // n, "seconds": statistics.median(times[1:])})
@@ -190,11 +203,12 @@ def markdown(results: dict[str, Any]) -> str:
         lines.append(f"| {p['model']} | {p['size']}² | {p['precision']} | "
                      f"{p['max_abs_latents']:.2e} | {p['psnr_image_db']:.1f} | "
                      f"{p['paraflow_s']:.2f} | {p['stock_s']:.2f} |")
-    lines += ["", f"UNet per band, {results['bands_model']} at {results['bands_size']}²:", "",
-              "| bands | band rows | seconds per call | ceiling (whole / band) |",
-              "|---|---|---|---|"]
-    lines += [f"| {b['bands']} | {b['band_rows']} | {b['seconds']:.4f} | "
-              f"{b['speedup_ceiling']:.2f}× |" for b in results["bands"]]
+    for case in results["bands"]:
+        lines += ["", f"Denoiser per band, {case['model']} at {case['size']}²:", "",
+                  "| bands | band rows | seconds per call | ceiling (whole / band) |",
+                  "|---|---|---|---|"]
+        lines += [f"| {b['bands']} | {b['band_rows']} | {b['seconds']:.4f} | "
+                  f"{b['speedup_ceiling']:.2f}× |" for b in case["rows"]]
     lines += ["", f"2 ranks sharing the device over gloo (sync_patch): {results['shared']}"]
     return "\n".join(lines) + "\n"
 
@@ -210,16 +224,18 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--device cuda but no CUDA device is visible")
     cases = ([("tiny", 64, 4), ("tiny_xl_random", 64, 3)] if args.quick
              else [("tiny", 256, 20), ("sdxl_arch", 1024, 20)])
-    band_model, band_size = ("tiny_xl_random", 256) if args.quick else ("sdxl_arch", 2048)
+    band_cases = ([("tiny_xl_random", 256), ("tiny_flux_random", 256)] if args.quick else
+                  [("sdxl_arch", 2048), ("flux_arch", 2048), ("pixart_sigma_arch", 2048)])
     results: dict[str, Any] = {
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
-        "torch": torch.__version__, "parity": [], "bands_model": band_model,
-        "bands_size": band_size}
+        "torch": torch.__version__, "parity": [], "bands": []}
     for model, size, steps in cases:
         results["parity"].append(parity(model, size, steps, device))
         print(results["parity"][-1], flush=True)
-    results["bands"] = bands(band_model, band_size, device)
-    print(results["bands"], flush=True)
+    for model, size in band_cases:
+        results["bands"].append({"model": model, "size": size,
+                                 "rows": bands(model, size, device)})
+        print(results["bands"][-1], flush=True)
     results["shared"] = shared(device)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "gpu_check.json").write_text(json.dumps(results, indent=2))
