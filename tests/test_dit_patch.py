@@ -73,10 +73,13 @@ def _cases(devices: int) -> dict[str, tuple[list[str], list[str]]]:
             cases[f"{family}_quality_naive"] = (_quality(model), ["+strategy=naive_patch"])
         return cases
     if devices == 4:  # 64 px: 4 rows of tokens, one per band
-        cases = {f"{family}_{name}": (ref, extra) for family, ref in (("sd3", SD3), ("flux", FLUX))
+        families = (("pixart", SIGMA), ("sd3", SD3), ("flux", FLUX))
+        cases = {f"{family}_{name}": (ref, extra) for family, ref in families
                  for name, extra in (("sync", SYNC), ("ulysses", ULYSSES), ("tensor", TENSOR))}
-        return {**cases,  # hybrids on one mesh: cfg 2 × ulysses 2, data 2 × tensor 2
+        return {**cases,  # hybrids on one mesh: cfg 2 × (patch | ulysses | tensor) 2, data 2 × …
+                "pixart_sync_cfg": (SIGMA, [*SYNC, *CFG]),
                 "sd3_ulysses_cfg": (SD3, [*ULYSSES, *CFG]),
+                "sd3_tensor_cfg": (SD3, [*TENSOR, *CFG]),
                 "flux_data_tensor": ([*FLUX, *TWO_PROMPTS], [*TENSOR, "strategy.data_degree=2"])}
     uneven = ["height=80", "width=64", "steps=2"]  # bands of 4, 4, 2 latent rows
     pixart = ["model=tiny_pixart_random", *uneven]
