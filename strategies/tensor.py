@@ -21,10 +21,11 @@ Bytes per rank per denoiser call (ring all-reduce, as the communicator counts th
 The plan — module-name glob → style — is data: `strategy.plan`, or when that is empty the plan of
 the model's family in `strategy.plans` (conf/strategy/tensor.yaml: unet, pixart, sd3, flux); a new
 architecture needs a new plan, not new code. A family plan may name layers some of its variants
-lack (SD3.5's second attention); a pattern of `strategy.plan` that matches nothing is an error. Linears are split by DTensor (`parallelize_module`,
-ColwiseParallel / RowwiseParallel with the output left as a partial sum); convolutions and
-GroupNorm by hand (tensor_layers.py). Every reduction goes through the communicator, synchronously,
-so no asynchronous collective tensor outlives a layer.
+lack (SD3.5's second attention); a pattern of `strategy.plan` that matches nothing is an error.
+Linears are split by DTensor (`parallelize_module`, ColwiseParallel / RowwiseParallel with the
+output left as a partial sum); convolutions and GroupNorm by hand (tensor_layers.py). Every
+reduction goes through the communicator, synchronously, so no asynchronous collective tensor
+outlives a layer.
 """
 
 from __future__ import annotations

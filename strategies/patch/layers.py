@@ -11,8 +11,8 @@ from paraflow.strategies.patch.attention import PatchSelfAttnProcessor
 from paraflow.strategies.patch.bands import conv_halo
 from paraflow.strategies.patch.conv import PatchConv2d
 from paraflow.strategies.patch.embed import BandPatchEmbed
-from paraflow.strategies.patch.joint import band_processor
 from paraflow.strategies.patch.groupnorm import PatchGroupNorm
+from paraflow.strategies.patch.joint import band_processor
 from paraflow.strategies.patch.state import PatchState
 
 
