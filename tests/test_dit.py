@@ -198,12 +198,14 @@ def test_heads_that_do_not_divide_are_refused_with_the_degrees_that_work() -> No
         validate(cfg, None, devices=False)
 
 
-def test_a_band_thinner_than_a_patch_row_is_refused_before_launch() -> None:
+@pytest.mark.parametrize("model", ["tiny_pixart_random", "tiny_sd3_random", "tiny_flux_random"])
+def test_a_band_thinner_than_a_patch_row_is_refused_before_launch(model: str) -> None:
     from paraflow.errors import ParaflowError
     from paraflow.validate import validate
 
-    # 64 px: 8 latent rows, 4 rows of 2×2 patches; 5 bands cannot each hold a whole one.
-    cfg = compose(["model=tiny_pixart_random", "+strategy=sync_patch", "launcher.devices=5",
+    # 64 px: 8 latent rows, 4 rows of 2×2 patches (Flux: of packed tokens); 5 bands cannot each
+    # hold a whole one.
+    cfg = compose([f"model={model}", "+strategy=sync_patch", "launcher.devices=5",
                    "height=64"])
     with pytest.raises(ParaflowError, match=r"height=64.*multiple of the model's downsampling "
                                             r"\(2\).*e\.g\. 80"):

@@ -262,3 +262,20 @@ def test_requests_alike_waiting_together_run_as_one_batch(app: Any) -> None:
         alone = engine.submit(Job(made.request, 64, 64, made.seed)).result(60)
         for a, b in zip(batched, alone):  # a batch of 4 against 1 or 2: float rounding only
             assert np.abs(decoded(a).astype(int) - decoded(b).astype(int)).max() <= 1
+
+
+@pytest.mark.parametrize("model", ["tiny_sd3_random", "tiny_flux_random"])
+def test_a_diffusion_transformer_instance_serves_the_run_s_image(model: str,
+                                                                 tmp_path: Path) -> None:
+    """SD3 (joint attention, flow matching, classifier-free guidance) and Flux (packed tokens,
+    embedded guidance) behind the same API: the served image equals the run's."""
+    with TestClient(build([*INSTANCE, f"model={model}"])[1]) as dit:
+        body = {"prompt": "a blue square", "size": "64x48", "steps": 3, "seed": 5,
+                "guidance_scale": 3.5, "scheduler": "dpm"}  # a flow model keeps its own
+        answer = dit.post(URL, json=body)
+    assert answer.status_code == 200, answer.text
+    generate(compose([f"model={model}", "prompt=a blue square", "width=64", "height=48",
+                      "steps=3", "seed=5", "guidance_scale=3.5", "pipeline.progress=false"]),
+             tmp_path / "run")
+    (served,), (made,) = images_of(answer.json()), read_images(tmp_path / "run")
+    assert served.shape == (48, 64, 3) and np.array_equal(served, made)
