@@ -32,6 +32,7 @@ class TensorStyle(str, Enum):
 
     colwise = "colwise"  # linear by output features
     colwise_gated = "colwise_gated"  # gated linear (GEGLU) by output features, halves kept paired
+    colwise_gather = "colwise_gather"  # linear by output features, its output all-gathered
     rowwise = "rowwise"  # linear by input features; its output all-reduced
     rowwise_concat = "rowwise_concat"  # rowwise over cat([x, y]), x as wide as the output
     heads = "heads"  # attention module: told it has heads/N heads

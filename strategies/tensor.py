@@ -12,8 +12,9 @@ Every rank runs every image through the whole network, holding ~1/N of the split
   input channels → one all-reduce of B×C×H×W;
 - diffusion transformers: joint attention's text projections as the image's (add_q/k/v
   column-wise, to_add_out row-wise), Flux's single-stream MLP column-wise and its proj_out over
-  [attention, MLP] row-wise (columns reordered to match). adaLN modulation, embedders and the
-  final layer stay whole on every rank.
+  [attention, MLP] row-wise (columns reordered to match); the adaLN modulation linears by output
+  features, then one all-gather of their small B × 6C output (style colwise_gather). Embedders
+  and the final projection stay whole on every rank.
 
 Bytes per rank per denoiser call (ring all-reduce, as the communicator counts them):
 2·(N−1)/N · Σ over row-wise and input-split layers of the bytes of their output.
@@ -57,6 +58,7 @@ from paraflow.plugin import StrategyBase
 from paraflow.strategies.guidance import GuidanceSplit
 from paraflow.strategies.replicas import DataReplicas
 from paraflow.strategies.tensor_layers import (
+    Gather,
     InputShardedConv2d,
     Reduce,
     finish_rowwise,
@@ -65,10 +67,11 @@ from paraflow.strategies.tensor_layers import (
     move_bias_out,
     shard_conv_out,
     shard_group_norm,
+    shard_linear_gathered,
 )
 
-Style = Literal["colwise", "colwise_gated", "rowwise", "rowwise_concat", "heads", "conv_out",
-                "conv_in", "groupnorm"]
+Style = Literal["colwise", "colwise_gated", "colwise_gather", "rowwise", "rowwise_concat",
+                "heads", "conv_out", "conv_in", "groupnorm"]
 STYLES: tuple[str, ...] = get_args(Style)
 MESH_DIM = "tensor"
 
@@ -95,7 +98,7 @@ def _split_size(name: str, module: nn.Module, style: Style) -> tuple[int, str]:
             raise ParaflowError(f"strategy.plan: {name} ({type(module).__name__}) has no integer "
                                 "`heads`; style 'heads' applies to attention modules")
         return heads, "attention heads"
-    if style in ("colwise", "colwise_gated", "rowwise", "rowwise_concat"):
+    if style in ("colwise", "colwise_gated", "colwise_gather", "rowwise", "rowwise_concat"):
         need(nn.Linear)
         linear = cast(nn.Linear, module)
         if style == "rowwise":
@@ -160,7 +163,7 @@ def check_divisible(splits: list[PlannedSplit], n: int, what: str = "ranks") -> 
 
 
 def apply_plan(model: nn.Module, splits: list[PlannedSplit], mesh: Any, n: int, rank: int,
-               reduce: Reduce) -> None:
+               reduce: Reduce, gather: Gather) -> None:
     """Shard `model` in place: this rank keeps the `rank`-th of `n` slices of each planned layer."""
     from torch.distributed.tensor import Partial
     from torch.distributed.tensor.parallel import (
@@ -184,6 +187,8 @@ def apply_plan(model: nn.Module, splits: list[PlannedSplit], mesh: Any, n: int, 
                 interleave_concat_inputs(cast(nn.Linear, module), n)
             biases[split.name] = move_bias_out(cast(nn.Linear, module))
             linear_plan[split.name] = RowwiseParallel(output_layouts=Partial())
+        elif split.style == "colwise_gather":
+            shard_linear_gathered(cast(nn.Linear, module), n, rank, gather)
         elif split.style == "heads":
             set_attention_heads(module, split.count // n)
         elif split.style == "conv_out":
@@ -217,6 +222,7 @@ class TensorStrategy(StrategyBase):
         self.splits: list[PlannedSplit] = []
         self.mesh: Any = None  # the `tensor` sub-mesh DTensor shards over
         self.reduce: Reduce | None = None
+        self.all_gather: Gather | None = None
         self.guidance: GuidanceSplit | None = None
         self.replicas = DataReplicas()
         if not self.plan and not self.plans:
@@ -269,6 +275,7 @@ class TensorStrategy(StrategyBase):
             return
         self.mesh = mesh[MESH_DIM]
         self.reduce = dim_comm(ctx, mesh, MESH_DIM).all_reduce
+        self.all_gather = dim_comm(ctx, mesh, MESH_DIM).all_gather
         if self.cfg_split:
             self.guidance = GuidanceSplit(dim_comm(ctx, mesh, "cfg"))
         self.replicas = DataReplicas.of(ctx, mesh)
@@ -281,11 +288,12 @@ class TensorStrategy(StrategyBase):
         self.splits = self.splits_of(model)
         if self.guidance is not None:
             self.guidance.install(model)
-        if self.mesh is None or self.reduce is None or self.mesh.size() == 1:
+        if (self.mesh is None or self.reduce is None or self.all_gather is None
+                or self.mesh.size() == 1):
             return
         n, rank = self.mesh.size(), self.mesh.get_coordinate()[0]  # no group needed (planner)
         check_divisible(self.splits, n)
-        apply_plan(model, self.splits, self.mesh, n, rank, self.reduce)
+        apply_plan(model, self.splits, self.mesh, n, rank, self.reduce, self.all_gather)
 
     def assign_images(self, n_images: int, ctx: ParallelContext) -> list[int]:
         return self.replicas.assign(n_images)

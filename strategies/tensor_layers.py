@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]  # sum over the tensor-parallel ranks, in place
+Gather = Callable[[torch.Tensor], list[torch.Tensor]]  # every tensor-parallel rank's piece
 
 
 def shard_slice(size: int, n: int, rank: int) -> slice:
@@ -80,6 +81,19 @@ class InputShardedConv2d(nn.Conv2d):
         if self.bias is not None:
             out = out + self.bias.view(1, -1, 1, 1)
         return out
+
+
+def shard_linear_gathered(linear: nn.Linear, n: int, rank: int, gather: Gather) -> None:
+    """Linear by output features whose whole output every rank needs (a DiT's adaLN modulation:
+    one large weight, a B × out output): this rank computes its slice of the features, one
+    all-gather through `gather` puts the slices back in order."""
+    part = shard_slice(linear.out_features, n, rank)
+    linear.weight = _param(linear.weight[part], linear.weight)
+    if linear.bias is not None:
+        linear.bias = _param(linear.bias[part], linear.bias)
+    linear.out_features //= n
+    linear.register_forward_hook(
+        lambda module, args, out: torch.cat(gather(out.contiguous()), dim=-1))
 
 
 def move_bias_out(linear: nn.Linear) -> nn.Parameter | None:

@@ -152,7 +152,8 @@ def _flux_bytes_per_step(strategy: str, ranks: int, height: int, width: int) -> 
     all-gather of the text's attention output by head share, then the output band.
     tensor: ring all-reduces (2 · (N − 1)/N) of every row-wise output: the double block's image
     and text attention outputs and feed-forwards, each single block's proj_out over text and
-    image tokens."""
+    image tokens; and the all-gathers of the adaLN modulations (6 · width for each stream of the
+    double block, 3 · width for each single block, a 1/N piece to N − 1 ranks)."""
     layers, inner, text, channels = 3, 32, 16, 16
     image = (height // 16) * (width // 16)
     band = image // ranks
@@ -163,7 +164,8 @@ def _flux_bytes_per_step(strategy: str, ranks: int, height: int, width: int) -> 
         all_to_all = layers * 4 * band * inner * 4 * (ranks - 1) // ranks
         return all_to_all + layers * text * (inner // ranks) * 4 * (ranks - 1) + output
     elements = 2 * image * inner + 2 * text * inner + 2 * (text + image) * inner
-    return 2 * (ranks - 1) * elements * 4 // ranks
+    modulation = (2 * 6 * inner + 2 * 3 * inner) // ranks * (ranks - 1) * 4
+    return 2 * (ranks - 1) * elements * 4 // ranks + modulation
 
 
 @pytest.mark.parametrize("strategy", ["sync_patch", "ulysses", "tensor"])
