@@ -34,6 +34,7 @@ from diffusers.models.embeddings import PatchEmbed, get_2d_sincos_pos_embed
 from diffusers.models.transformers.transformer_flux import FluxAttention
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from torch import nn
+from transformers import CLIPTextModel
 
 from paraflow.models.pretrained import inspect_folder, looks_like_hub_id
 
@@ -112,6 +113,19 @@ def guidance_distilled(config: Any) -> bool:
     return _packs_latents(config) or config.get("time_cond_proj_dim") is not None
 
 
+def alias_flattened_clip(pipe: Any) -> Any:
+    """transformers >= 5.6 flattened CLIPTextModel (no `text_model` inside), which diffusers'
+    SD pipelines still read for clip_skip's final layer norm (diffusers#14124): point the old
+    name at the model itself. A plain attribute, not a submodule, so weights, state dicts and
+    `.to()` are untouched."""
+    for name in ("text_encoder", "text_encoder_2"):
+        encoder = getattr(pipe, name, None)
+        if isinstance(encoder, CLIPTextModel) and "text_model" not in encoder.__dict__ \
+                and not hasattr(encoder, "text_model"):
+            object.__setattr__(encoder, "text_model", encoder)
+    return pipe
+
+
 # --- model facts -------------------------------------------------------------------------------
 # `pipe_or_*`: a pipeline (anything with .unet / .vae) or the module itself, loaded or on meta.
 
@@ -181,10 +195,14 @@ def configured_denoiser(model_cfg: Any) -> Any:
 
 
 def latent_channels(pipe_or_model: Any) -> int:
-    """Channels of the latent: the UNet's input channels, or a VAE's latent channels."""
+    """Channels of the latent: a VAE's latent channels, a UNet's output channels (an inpainting
+    UNet reads more: the mask and the masked image's latents), a transformer's input channels
+    (Flux's packed 2×2)."""
     config = _unet(pipe_or_model).config
     if "latent_channels" in config:
         return int(config.latent_channels)
+    if "patch_size" not in config:
+        return int(config.out_channels)
     packed = FLUX_PACK ** 2 if _packs_latents(config) else 1
     return int(config.in_channels) // packed
 
@@ -204,6 +222,13 @@ def added_condition_widths(pipe_or_unet: Any) -> dict[str, int] | None:
     time_width = TIME_IDS * int(config.addition_time_embed_dim)
     return {"text_embeds": int(config.projection_class_embeddings_input_dim) - time_width,
             "time_ids": TIME_IDS}
+
+
+def inpainting_unet(pipe_or_unet: Any) -> bool:
+    """A UNet made for inpainting: its input is the latents, the mask and the masked image's
+    latents, concatenated (stable-diffusion-inpainting's 9 channels)."""
+    config = _unet(pipe_or_unet).config
+    return "patch_size" not in config and int(config.in_channels) > int(config.out_channels)
 
 
 def conditioning_extras(pipe_or_model: Any, tokens: int) -> dict[str, tuple[int, ...]] | None:
@@ -361,30 +386,53 @@ def encode_prompts(
     guidance: bool,
     height: int,
     width: int,
+    clip_skip: int | None = None,
+    micro: Any = None,
 ) -> Conditioning:
-    """Encode one prompt per image with the pipeline's own `encode_prompt`."""
+    """Encode one prompt per image with the pipeline's own `encode_prompt`. `clip_skip`: CLIP
+    layers skipped from the end (SD, SDXL, SD3); `micro`: SDXL's micro-conditioning (the run's
+    `sdxl` node; None: no crop, original and target size = the image's)."""
     if is_pixart(pipe):
         return _encode_pixart(pipe, prompts, negative_prompt, device, guidance, height, width)
     if is_sd3(pipe) or is_flux(pipe):
-        return _encode_mmdit(pipe, prompts, negative_prompt, device, guidance)
+        return _encode_mmdit(pipe, prompts, negative_prompt, device, guidance, clip_skip)
     negative = None if negative_prompt is None else [negative_prompt] * len(prompts)
     if not is_sdxl(pipe):
-        cond, uncond = pipe.encode_prompt(prompts, device, 1, guidance, negative_prompt=negative)
+        cond, uncond = pipe.encode_prompt(prompts, device, 1, guidance, negative_prompt=negative,
+                                          clip_skip=clip_skip)
         embeds = torch.cat([uncond, cond]) if guidance else cond
         return Conditioning(embeds, None)
     cond, uncond, pooled, uncond_pooled = pipe.encode_prompt(
         prompts, device=device, num_images_per_prompt=1,
-        do_classifier_free_guidance=guidance, negative_prompt=negative,
+        do_classifier_free_guidance=guidance, negative_prompt=negative, clip_skip=clip_skip,
     )
-    # Micro-conditioning: original size, crop offset, target size (no crop, no resize).
-    time_ids = torch.tensor([[height, width, 0, 0, height, width]], device=device)
-    time_ids = time_ids.to(cond.dtype).repeat(len(prompts), 1)
+    positive, negative_ids = sdxl_time_ids(micro, height, width)
+    time_ids = torch.tensor([positive], device=device).to(cond.dtype).repeat(len(prompts), 1)
     if guidance:
+        uncond_ids = torch.tensor([negative_ids], device=device).to(cond.dtype)
         return Conditioning(
             torch.cat([uncond, cond]),
-            {"text_embeds": torch.cat([uncond_pooled, pooled]), "time_ids": time_ids.repeat(2, 1)},
+            {"text_embeds": torch.cat([uncond_pooled, pooled]),
+             "time_ids": torch.cat([uncond_ids.repeat(len(prompts), 1), time_ids])},
         )
     return Conditioning(cond, {"text_embeds": pooled, "time_ids": time_ids})
+
+
+def sdxl_time_ids(micro: Any, height: int, width: int) -> tuple[list[int], list[int]]:
+    """SDXL's time ids (original size, crop's top-left, target size) for the conditional and the
+    unconditional branch, as StableDiffusionXLPipeline makes them: sizes default to the image's,
+    and the negative ids equal the positive unless both negative sizes are given."""
+    image = [height, width]
+    micro = micro or {}
+    original = list(micro.get("original_size") or image)
+    target = list(micro.get("target_size") or image)
+    positive = [*original, *(micro.get("crops_coords_top_left") or [0, 0]), *target]
+    neg_original = micro.get("negative_original_size")
+    neg_target = micro.get("negative_target_size")
+    if neg_original is None or neg_target is None:
+        return positive, positive
+    crops = micro.get("negative_crops_coords_top_left") or [0, 0]
+    return positive, [*neg_original, *crops, *neg_target]
 
 
 def _encode_pixart(pipe: Any, prompts: list[str], negative_prompt: str | None,
@@ -421,7 +469,7 @@ def _t5_tokens(pipe: Any, t5_tokenizer: Any) -> int:
 
 
 def _encode_mmdit(pipe: Any, prompts: list[str], negative_prompt: str | None,
-                  device: torch.device, guidance: bool) -> Conditioning:
+                  device: torch.device, guidance: bool, clip_skip: int | None) -> Conditioning:
     """SD3's CLIP-L/G + T5 embeddings or Flux's T5 embeddings, with the pooled CLIP embeds, as
     each pipeline's `encode_prompt` makes them (Flux takes no negative prompt)."""
     tokens = _t5_tokens(pipe, pipe.tokenizer_3 if is_sd3(pipe) else pipe.tokenizer_2)
@@ -432,7 +480,7 @@ def _encode_mmdit(pipe: Any, prompts: list[str], negative_prompt: str | None,
     negative = None if negative_prompt is None else [negative_prompt] * len(prompts)
     cond, uncond, pooled, uncond_pooled = pipe.encode_prompt(
         prompts, None, None, device=device, do_classifier_free_guidance=guidance,
-        negative_prompt=negative, max_sequence_length=tokens)
+        negative_prompt=negative, max_sequence_length=tokens, clip_skip=clip_skip)
     if not guidance:
         return Conditioning(cond, {"pooled_projections": pooled})
     return Conditioning(torch.cat([uncond, cond]),
@@ -567,6 +615,20 @@ def latents_to_vae_input(vae: Any, latents: torch.Tensor) -> torch.Tensor:
         return latents * std_t / config.scaling_factor + mean_t
     shift = getattr(config, "shift_factor", None) or 0.0  # SD3's and Flux's VAEs
     return latents / config.scaling_factor + shift
+
+
+def vae_output_to_latents(vae: Any, sample: torch.Tensor) -> torch.Tensor:
+    """A VAE encoder's sample in the denoiser's latent space (latents_to_vae_input's inverse)."""
+    config = vae.config
+    mean = getattr(config, "latents_mean", None)
+    std = getattr(config, "latents_std", None)
+    if mean is not None and std is not None:
+        shape = (1, sample.shape[1], 1, 1)
+        mean_t = torch.tensor(mean, device=sample.device, dtype=sample.dtype).view(shape)
+        std_t = torch.tensor(std, device=sample.device, dtype=sample.dtype).view(shape)
+        return (sample - mean_t) * config.scaling_factor / std_t
+    shift = getattr(config, "shift_factor", None) or 0.0
+    return (sample - shift) * config.scaling_factor
 
 
 def pixels_to_uint8(pixels: torch.Tensor) -> np.ndarray:

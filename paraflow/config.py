@@ -67,6 +67,8 @@ class StageConfig:
     placement: Placement = Placement.compute
     offload: Offload = Offload.none
     parallel: StageParallel = StageParallel.none
+    # The stage's own settings (a user-written stage reads its keys from env.spec.options).
+    options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -144,6 +146,19 @@ class LauncherConfig:
 
 
 @dataclass
+class SDXLConditioning:
+    """SDXL's micro-conditioning, as StableDiffusionXLPipeline takes it. null sizes: the image's
+    (height, width). The negative ones apply only when both negative sizes are given."""
+
+    original_size: list[int] | None = None
+    crops_coords_top_left: list[int] = field(default_factory=lambda: [0, 0])
+    target_size: list[int] | None = None
+    negative_original_size: list[int] | None = None
+    negative_crops_coords_top_left: list[int] = field(default_factory=lambda: [0, 0])
+    negative_target_size: list[int] | None = None
+
+
+@dataclass
 class RunConfig:
     model: Any = MISSING
     scheduler: Any = MISSING
@@ -156,6 +171,13 @@ class RunConfig:
     width: int = 64
     steps: int = 20
     guidance_scale: float = 5.0
+    guidance_rescale: float = 0.0  # rescaled classifier-free guidance (0: off), as diffusers'
+    clip_skip: int | None = None  # CLIP layers skipped from the end (null: the last layer's)
+    sdxl: SDXLConditioning = field(default_factory=SDXLConditioning)
+    # Image inputs of pipeline=img2img / inpaint: a path, or one per prompt.
+    image: Any = None
+    mask: Any = None  # white: repaint, black: keep
+    strength: float | None = None  # how far the image is noised, (0, 1]; null: the pipeline's
     seed: int = 0
     images_per_prompt: int = 1
     save_latents: bool = False

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from hydra.utils import get_class
 from omegaconf import DictConfig
 
 from paraflow.adapters import configured_latent_downsampling
@@ -25,6 +26,20 @@ def prompts_of(cfg: DictConfig) -> list[str]:
 def model_factor(model_cfg: DictConfig) -> int:
     """Pixels per latent cell (the VAE's downsampling), read from config, no weights loaded."""
     return configured_latent_downsampling(model_cfg)
+
+
+def check_stage_inputs(cfg: DictConfig) -> None:
+    """Each stage class's own pre-launch check, `check(cfg, spec)` where it has one (an input
+    image that must exist, a strength in range); a `_target_` that does not import is named."""
+    for name, spec in cfg.pipeline.stages.items():
+        try:
+            found = get_class(spec._target_)
+        except Exception as error:  # Hydra wraps import failures of every kind
+            raise ParaflowError(f"pipeline.stages.{name}._target_={spec._target_}: cannot "
+                                f"import it ({error})") from None
+        check = getattr(found, "check", None)
+        if check is not None:
+            check(cfg, spec)
 
 
 def resolve_accelerator(cfg: DictConfig) -> str:
@@ -72,6 +87,7 @@ def validate(cfg: DictConfig, output_dir: str | Path | None, devices: bool = Tru
     strategy = build_strategy(cfg.strategy)
     strategy.validate(cfg)  # the strategy's own pre-launch checks
     execution_order(cfg.pipeline.stages)
+    check_stage_inputs(cfg)
     world = int(launcher.devices) * int(launcher.num_nodes)
     for name, spec in cfg.pipeline.stages.items():
         parallel = str(getattr(spec.get("parallel", "none"), "value", spec.get("parallel", "none")))

@@ -22,7 +22,9 @@ def load_pipeline(model_cfg: DictConfig, scheduler_cfg: DictConfig | None = None
     if scheduler_cfg is not None:
         pipe.scheduler = scheduler_for(pipe.scheduler, scheduler_cfg)
     pipe.set_progress_bar_config(disable=True)
-    return pipe
+    from paraflow.adapters import alias_flattened_clip  # adapters imports models.pretrained
+
+    return alias_flattened_clip(pipe)
 
 
 def scheduler_for(own: Any, spec: DictConfig) -> Any:

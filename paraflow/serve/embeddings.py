@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from safetensors.torch import load, save
 
-from paraflow.adapters import TEXT_ENCODERS, Conditioning, encode_prompts, uses_guidance
+from paraflow.adapters import TEXT_ENCODERS, Conditioning, uses_guidance
 from paraflow.graph import StageEnv
 from paraflow.stages.encode import EncodePrompt
 
@@ -104,7 +104,9 @@ def embedding_key(env: StageEnv, prompt: str, guidance: bool) -> str:
     names = [f"{type(e).__name__}:{getattr(e.config, '_name_or_path', '')}" for e in encoders
              if e is not None]
     parts = [str(cfg.model.name), *names, str(env.dtype), str(guidance),
-             repr(cfg.negative_prompt), f"{cfg.height}x{cfg.width}", prompt]
+             repr(cfg.negative_prompt), f"{cfg.height}x{cfg.width}",
+             f"clip_skip={cfg.get('clip_skip')}", repr(cfg.get("sdxl")),
+             prompt]
     return "paraflow:emb:" + hashlib.sha256("\x1f".join(parts).encode()).hexdigest()
 
 
@@ -146,8 +148,7 @@ class CachedEncodePrompt(EncodePrompt):
         missing = [k for k, v in found.items() if v is None]
         if missing:
             texts = [prompts[keys.index(k)] for k in missing]
-            fresh = encode_prompts(env.pipe, texts, cfg.negative_prompt, env.device, guidance,
-                                   cfg.height, cfg.width)
+            fresh = self.encode(env, texts, guidance)
             for key, part in zip(missing, split_rows(fresh, len(texts), guidance)):
                 cache.put(key, part)
                 found[key] = part

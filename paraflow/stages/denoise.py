@@ -1,21 +1,22 @@
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import torch
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 from tqdm.auto import tqdm
 
 from paraflow.adapters import (
     Conditioning,
     denoiser,
     denoiser_forward,
-    set_timesteps,
     uses_guidance,
     with_embedded_guidance,
 )
 from paraflow.errors import ParaflowError, set_stage
 from paraflow.graph import StageEnv
+from paraflow.stages.inpaint import InpaintCondition
+from paraflow.stages.schedule import Schedule, full_schedule
 
 # The finiteness of the latents is recorded on the device every step (no host sync, so a GPU's
 # stream and a strategy's asynchronous exchange are not stalled) and read on the host every
@@ -38,39 +39,52 @@ def check_finite(finite: torch.Tensor, start: int, stop: int, env: StageEnv) -> 
 
 
 class Denoise:
-    """The sampling loop: scheduler steps, classifier-free guidance, a per-step strategy hook."""
+    """The sampling loop: scheduler steps, classifier-free guidance (rescaled by the run's
+    guidance_rescale), a per-step strategy hook. Without a `schedule` input it runs every step
+    from unit noise; with one (img2img, inpaint) the steps it names, from noised latents. Step
+    0 is the first step run, so a strategy's warm-up counts from there. An `inpaint` input
+    extends each step's denoiser input or blends the kept region back after it."""
 
     components = ("unet", "transformer")
 
-    def __call__(self, env: StageEnv, initial_latents: torch.Tensor,
-                 conditioning: Conditioning) -> dict[str, Any]:
+    def __call__(self, env: StageEnv, initial_latents: torch.Tensor, conditioning: Conditioning,
+                 schedule: Schedule | None = None,
+                 inpaint: InpaintCondition | None = None) -> dict[str, Any]:
         set_stage("denoise")
         cfg, comm = env.cfg, env.ctx.comm
         model = denoiser(env.pipe)
-        scheduler = copy.deepcopy(env.pipe.scheduler)  # it keeps per-run state (step index)
-        set_timesteps(scheduler, cfg.steps, env.device, model, initial_latents.shape)
+        schedule = schedule or full_schedule(env, initial_latents.shape)
+        scheduler = schedule.scheduler
         guidance = uses_guidance(env.pipe, cfg.guidance_scale)
+        rescale = float(cfg.get("guidance_rescale") or 0.0)
         cond = with_embedded_guidance(model, conditioning.to(env.device, env.dtype),
                                       cfg.guidance_scale, initial_latents.shape[0])
-        sigma = getattr(scheduler, "init_noise_sigma", 1.0)  # flow matching starts at 1
+        # Unit noise starts at the scheduler's initial sigma (flow matching: 1).
+        sigma = 1.0 if schedule.noised else getattr(scheduler, "init_noise_sigma", 1.0)
         latents = initial_latents.to(env.device).float() * sigma
         show = cfg.pipeline.progress and env.ctx.is_main
         trajectory = []
-        steps = len(scheduler.timesteps)
+        steps = len(schedule.timesteps)
         finite = torch.ones(steps, dtype=torch.bool, device=latents.device)
         checked = 0  # steps before this one have been read on the host
-        for step, t in enumerate(tqdm(scheduler.timesteps, disable=not show, desc="denoise")):
+        for step, t in enumerate(tqdm(schedule.timesteps, disable=not show, desc="denoise")):
             set_stage("denoise", step + 1, steps)  # for a failure report, if this rank dies
             comm.step = step
             env.strategy.on_step(step, env.ctx)
             model_input = torch.cat([latents] * 2) if guidance else latents
             if hasattr(scheduler, "scale_model_input"):  # flow matching has none
                 model_input = scheduler.scale_model_input(model_input, t)
+            if inpaint is not None:
+                model_input = inpaint.model_input(model_input, guidance)
             noise = denoiser_forward(model, model_input.to(env.dtype), t, cond).float()
             if guidance:
                 uncond, text = noise.chunk(2)
                 noise = uncond + cfg.guidance_scale * (text - uncond)
+                if rescale > 0:
+                    noise = rescale_noise_cfg(noise, text, guidance_rescale=rescale)
             latents = scheduler.step(noise, t, latents, return_dict=False)[0]
+            if inpaint is not None:
+                latents = inpaint.after_step(latents, step, schedule)
             finite[step] = torch.isfinite(latents).all()  # on the device, no sync
             if step + 1 - checked >= CHECK_EVERY:
                 check_finite(finite, checked, step + 1, env)

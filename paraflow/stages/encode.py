@@ -2,19 +2,22 @@ from __future__ import annotations
 
 from typing import Any
 
-from paraflow.adapters import TEXT_ENCODERS, encode_prompts, uses_guidance
+from paraflow.adapters import TEXT_ENCODERS, Conditioning, encode_prompts, uses_guidance
 from paraflow.graph import StageEnv
 
 
 class EncodePrompt:
-    """Prompts (one per image) → text conditioning, negative branch first when guidance is on."""
+    """Prompts (one per image) → text conditioning, negative branch first when guidance is on,
+    with the run's clip_skip and SDXL micro-conditioning."""
 
     components = TEXT_ENCODERS
 
     def __call__(self, env: StageEnv, prompts: list[str]) -> dict[str, Any]:
+        guidance = uses_guidance(env.pipe, env.cfg.guidance_scale)
+        return {"conditioning": self.encode(env, prompts, guidance)}
+
+    def encode(self, env: StageEnv, prompts: list[str], guidance: bool) -> Conditioning:
         cfg = env.cfg
-        conditioning = encode_prompts(
-            env.pipe, prompts, cfg.negative_prompt, env.device,
-            uses_guidance(env.pipe, cfg.guidance_scale), cfg.height, cfg.width,
-        )
-        return {"conditioning": conditioning}
+        return encode_prompts(env.pipe, prompts, cfg.negative_prompt, env.device, guidance,
+                              cfg.height, cfg.width, clip_skip=cfg.get("clip_skip"),
+                              micro=cfg.get("sdxl"))

@@ -1,0 +1,90 @@
+"""Inpainting: the image is repainted where its mask is white and kept where it is black. Two
+methods, chosen by the UNet as diffusers chooses them: an inpainting UNet (9 input channels)
+reads the mask and the masked image's latents beside the latents at every step; an ordinary
+UNet denoises the whole image and, after each step, the kept region is put back as the input
+image noised to the next step (the masked blend)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+
+from paraflow.adapters import configured_denoiser, denoiser_family, inpainting_unet
+from paraflow.errors import ParaflowError
+from paraflow.graph import StageEnv
+from paraflow.stages.image import encode_sample
+from paraflow.stages.latents import NoiseImageLatents, draw, image_generators
+from paraflow.stages.schedule import Schedule, from_strength, full_schedule, run_strength
+
+
+@dataclass
+class InpaintCondition:
+    """What the denoise stage adds to each step: the latent-size mask (1: repaint) and either
+    the masked image's latents (`concat`, for an inpainting UNet) or the image's latents and
+    the noise that re-noises them (the blend, for an ordinary UNet)."""
+
+    mask: torch.Tensor
+    masked_latents: torch.Tensor | None = None
+    image_latents: torch.Tensor | None = None
+    noise: torch.Tensor | None = None
+
+    def model_input(self, latents: torch.Tensor, guidance: bool) -> torch.Tensor:
+        """The denoiser's input for this step (the latents already scaled by the scheduler)."""
+        if self.masked_latents is None:
+            return latents
+        copies = 2 if guidance else 1
+        extra = [self.mask.repeat(copies, 1, 1, 1), self.masked_latents.repeat(copies, 1, 1, 1)]
+        return torch.cat([latents, *[e.to(latents.dtype) for e in extra]], dim=1)
+
+    def after_step(self, latents: torch.Tensor, step: int, schedule: Schedule) -> torch.Tensor:
+        """The blend: outside the mask, the image noised to the next step's level."""
+        if self.image_latents is None or self.noise is None:
+            return latents
+        kept = self.image_latents
+        if step + 1 < len(schedule.timesteps):
+            following = schedule.timesteps[step + 1:step + 2]
+            kept = schedule.scheduler.add_noise(kept, self.noise, following)
+        return (1 - self.mask) * kept + self.mask * latents
+
+
+class PrepareInpaint:
+    """image + mask → the initial latents, the schedule `strength` starts, and the inpainting
+    condition. Each image's generator draws in diffusers' order: the image's VAE sample (when
+    the blend needs it or strength < 1), the noise, the masked image's VAE sample."""
+
+    components = ("vae",)
+
+    @staticmethod
+    def check(cfg: DictConfig, spec: Any) -> None:
+        family = denoiser_family(configured_denoiser(cfg.model) or {})
+        if family != "unet":
+            raise ParaflowError(f"pipeline={cfg.pipeline.name} needs a UNet model (SD 1.x/2.x, "
+                                f"SDXL); model {cfg.model.name} is a {family} transformer")
+        NoiseImageLatents.check(cfg, spec)
+
+    def __call__(self, env: StageEnv, image: torch.Tensor, mask: torch.Tensor,
+                 image_ids: list[int]) -> dict[str, Any]:
+        strength = run_strength(env.cfg, env.spec)
+        generators = image_generators(env, image_ids)
+        concat = inpainting_unet(env.pipe)
+        full = strength == 1.0  # pure noise: the image's latents are not needed to start
+        image_latents = None if concat and full else encode_sample(env, image, generators)
+        latent_size = (image.shape[-2] // env.pipe.vae_scale_factor,
+                       image.shape[-1] // env.pipe.vae_scale_factor)
+        noise = draw(generators, (env.pipe.vae.config.latent_channels, *latent_size), env.device)
+        schedule = from_strength(full_schedule(env, noise.shape), strength)
+        if full:  # unit noise, scaled by the scheduler's initial sigma in the denoise stage
+            initial, schedule.noised = noise, False
+        else:
+            assert image_latents is not None
+            first = schedule.first.repeat(noise.shape[0])
+            initial = schedule.scheduler.add_noise(image_latents, noise, first)
+        masked = encode_sample(env, image * (mask < 0.5), generators)
+        small_mask = F.interpolate(mask, size=latent_size).to(env.device)
+        condition = (InpaintCondition(small_mask, masked_latents=masked) if concat else
+                     InpaintCondition(small_mask, image_latents=image_latents, noise=noise))
+        return {"initial_latents": initial, "schedule": schedule, "inpaint": condition}

@@ -1,0 +1,62 @@
+"""The steps a denoise stage runs: txt2img runs them all from pure noise; img2img and inpaint
+start part-way, at the step their `strength` names, from the input image's noised latents."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from paraflow.adapters import denoiser, set_timesteps
+from paraflow.graph import StageEnv
+
+
+@dataclass
+class Schedule:
+    """A configured copy of the run's scheduler (it keeps per-run state) and the timesteps to
+    run, the first one first. `noised`: the latents handed with it are already noised to the
+    first timestep; otherwise they are unit noise, scaled by the scheduler's initial sigma."""
+
+    scheduler: Any
+    timesteps: torch.Tensor
+    noised: bool = False
+
+    @property
+    def first(self) -> torch.Tensor:
+        return self.timesteps[:1]
+
+
+def full_schedule(env: StageEnv, latent_shape: torch.Size | tuple[int, ...]) -> Schedule:
+    """Every step of `env.cfg.steps`, as the family's pipeline sets them."""
+    scheduler = copy.deepcopy(env.pipe.scheduler)
+    set_timesteps(scheduler, int(env.cfg.steps), env.device, denoiser(env.pipe), latent_shape)
+    return Schedule(scheduler, scheduler.timesteps)
+
+
+def first_step(steps: int, strength: float, flow_matching: bool) -> int:
+    """The index of the first of `steps` steps that `strength` runs, as diffusers' img2img
+    pipelines round it (get_timesteps): SD/SDXL run int(steps × strength) steps; SD3 and Flux
+    start at int(steps × (1 − strength)), so they run the rounded-up count."""
+    run = steps * strength if flow_matching else int(steps * strength)
+    return int(max(steps - min(run, steps), 0))
+
+
+def from_strength(schedule: Schedule, strength: float) -> Schedule:
+    """The last `strength` of the steps (first_step), the scheduler told where it begins."""
+    scheduler = schedule.scheduler
+    steps = len(schedule.timesteps) // scheduler.order
+    flow = not hasattr(scheduler, "add_noise")  # flow matching scales, not adds, noise
+    start = first_step(steps, strength, flow) * scheduler.order
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(start)
+    return Schedule(scheduler, schedule.timesteps[start:], noised=True)
+
+
+def run_strength(cfg: Any, spec: Any) -> float:
+    """The run's `strength`, else the stage's own default (options.strength), else 1."""
+    value = cfg.get("strength")
+    if value is None:
+        value = (spec.get("options") or {}).get("strength", 1.0)
+    return float(value)
