@@ -30,6 +30,14 @@ if TYPE_CHECKING:
 RUN_INPUTS = ("prompts", "image_ids")
 
 
+def input_binding(entry: str) -> tuple[str, str]:
+    """(value, parameter) of one entry of a stage's `inputs`: "latents" passes the value
+    `latents` as the parameter of that name; "vignetted as pixels" passes the value
+    `vignetted` as `pixels` (a stage wired to another producer than the stock one)."""
+    value, _, parameter = (part.strip() for part in entry.partition(" as "))
+    return value, parameter or value
+
+
 class Stage(Protocol):
     components: tuple[str, ...]
 
@@ -77,7 +85,7 @@ def execution_order(stages: Mapping[str, Any], provided: Iterable[str] = RUN_INP
                                     f"'{producers.get(out, 'the run')}' and '{name}'")
             producers[out] = name
     for name, spec in stages.items():
-        for needed in spec.inputs:
+        for needed, _ in map(input_binding, spec.inputs):
             if needed not in producers and needed not in available:
                 known = sorted(available | producers.keys())
                 raise ParaflowError(f"pipeline.stages.{name}: input '{needed}' is produced by "
@@ -85,7 +93,8 @@ def execution_order(stages: Mapping[str, Any], provided: Iterable[str] = RUN_INP
     order: list[str] = []
     pending = dict(stages)
     while pending:
-        ready = [n for n, s in pending.items() if all(i in available for i in s.inputs)]
+        ready = [n for n, s in pending.items()
+                 if all(input_binding(i)[0] in available for i in s.inputs)]
         if not ready:
             raise ParaflowError(f"pipeline: stages {sorted(pending)} form a cycle")
         for name in ready:
@@ -107,7 +116,7 @@ class StageGraph:
         for node in self.nodes:
             modules = [getattr(env.pipe, c) for c in node.stage.components
                        if getattr(env.pipe, c, None) is not None]
-            inputs = {k: values[k] for k in node.spec.inputs}
+            inputs = {p: values[v] for v, p in map(input_binding, node.spec.inputs)}
             start = time.perf_counter()
             env.spec = node.spec
             set_stage(node.name)  # what a failure of this rank reports (paraflow/errors.py)

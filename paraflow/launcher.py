@@ -39,6 +39,7 @@ from paraflow.config import plain_dict
 from paraflow.context import ParallelContext
 from paraflow.errors import (
     STATE_DIR_ENV,
+    ParaflowError,
     RankFailed,
     one_line_cause,
     record_failure,
@@ -164,8 +165,15 @@ def launch(cfg: DictConfig, worker: Worker[T], explain: bool = False) -> T:
                     strategy=strategy)
     cfg_dict = plain_dict(cfg)
     spawned = devices * num_nodes > 1 and not external
-    if not explain or devices * num_nodes == 1:
+    if not explain:
         return _run(fabric, partial(_on_rank, worker=worker, cfg_dict=cfg_dict), spawned)
+    if devices * num_nodes == 1:
+        try:
+            return _run(fabric, partial(_on_rank, worker=worker, cfg_dict=cfg_dict), spawned)
+        except (ParaflowError, RankFailed):
+            raise
+        except Exception as err:  # one line naming the stage and the cause, as for many ranks
+            raise RankFailed(this_rank_failed(0, where_now(), one_line_cause(err)), 0) from err
     from torch.multiprocessing.spawn import ProcessException
 
     # torch logs "Terminating process N via signal SIGTERM" for each peer it stops after a

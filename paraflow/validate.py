@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import torch
@@ -10,7 +11,7 @@ from omegaconf import DictConfig
 
 from paraflow.adapters import configured_latent_downsampling
 from paraflow.errors import ParaflowError
-from paraflow.graph import execution_order
+from paraflow.graph import execution_order, input_binding
 from paraflow.outputs import check_output_dir
 from paraflow.registry import build_strategy
 
@@ -37,9 +38,30 @@ def check_stage_inputs(cfg: DictConfig) -> None:
         except Exception as error:  # Hydra wraps import failures of every kind
             raise ParaflowError(f"pipeline.stages.{name}._target_={spec._target_}: cannot "
                                 f"import it ({error})") from None
+        check_wiring(name, found, spec)
         check = getattr(found, "check", None)
         if check is not None:
             check(cfg, spec)
+
+
+def check_wiring(name: str, stage_class: type, spec: DictConfig) -> None:
+    """The stage's inputs bind to parameters its __call__ takes, and every parameter without a
+    default is bound."""
+    params = list(inspect.signature(stage_class.__call__).parameters.values())[2:]  # self, env
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return
+    takes = [p.name for p in params]
+    bound = [input_binding(entry) for entry in spec.inputs]
+    where = f"pipeline.stages.{name} ({spec._target_})"
+    for value, parameter in bound:
+        if parameter not in takes:
+            raise ParaflowError(f"{where}: input '{parameter}' is not a parameter of the stage, "
+                                f"which takes {', '.join(takes)}; pass a value under another "
+                                f"name as '{value} as PARAMETER'")
+    given = {parameter for _, parameter in bound}
+    missing = [p.name for p in params if p.default is p.empty and p.name not in given]
+    if missing:
+        raise ParaflowError(f"{where}: inputs lack {', '.join(missing)}, which the stage needs")
 
 
 def resolve_accelerator(cfg: DictConfig) -> str:

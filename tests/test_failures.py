@@ -95,6 +95,19 @@ def test_rank_that_raises_gives_one_line_without_traceback(tmp_path: Path) -> No
     assert not (run_dir / "images").exists()
 
 
+def test_one_device_failure_gives_one_line_without_traceback(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    code, stderr = finish(cli(["model=tiny_random", "steps=2", "pipeline.progress=false",
+                               f"hydra.run.dir={run_dir}"], tmp_path, PARAFLOW_FAIL_RANK="0"))
+    assert code == 1
+    lines = error_lines(stderr)
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith("paraflow: error: rank 0 failed")
+    assert "RuntimeError: injected failure on rank 0" in lines[0]
+    assert "Traceback" not in stderr, stderr
+    assert not (run_dir / "images").exists()
+
+
 def test_hydra_full_error_shows_the_traceback(tmp_path: Path) -> None:
     code, stderr = finish(cli([*TWO_RANKS, "steps=2", f"hydra.run.dir={tmp_path / 'run'}"],
                               tmp_path, PARAFLOW_FAIL_RANK="1", HYDRA_FULL_ERROR="1"))

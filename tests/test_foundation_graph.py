@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from paraflow.errors import ParaflowError
-from paraflow.graph import execution_order
+from paraflow.graph import execution_order, input_binding
 from paraflow.outputs import OutputSink, check_output_dir, write_outputs
 from paraflow.run import expanded_prompts
 from paraflow.strategies.data import split_evenly
@@ -39,6 +39,16 @@ def test_cycle_and_double_producer_are_refused() -> None:
         execution_order({"a": stage(["y"], ["x"]), "b": stage(["x"], ["y"])})
     with pytest.raises(ParaflowError, match="produced by both"):
         execution_order({"a": stage(["prompts"], ["x"]), "b": stage(["prompts"], ["x"])})
+
+
+def test_an_input_bound_under_another_name_orders_by_its_value() -> None:
+    assert input_binding("vignetted as pixels") == ("vignetted", "pixels")
+    assert input_binding("latents") == ("latents", "latents")
+    stages = {"save": stage(["soft as pixels"], ["saved"]), "soften": stage(["pixels"], ["soft"]),
+              "decode": stage(["prompts"], ["pixels"])}
+    assert execution_order(stages) == ["decode", "soften", "save"]
+    with pytest.raises(ParaflowError, match="input 'sharp' is produced by no stage"):
+        execution_order({"save": stage(["sharp as pixels"], ["saved"])})
 
 
 @pytest.mark.parametrize("n,parts", [(4, 2), (5, 2), (1, 2), (8, 3), (0, 2)])
