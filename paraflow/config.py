@@ -80,6 +80,12 @@ class PipelineConfig:
 
 
 @dataclass
+class LoraConfig:
+    path: str = MISSING  # a folder with pytorch_lora_weights.safetensors, or the file
+    scale: float = 1.0
+
+
+@dataclass
 class TinyModelConfig:
     _target_: str = "paraflow.models.tiny.build_tiny"
     name: str = "tiny"
@@ -91,6 +97,8 @@ class TinyModelConfig:
     vae: dict[str, Any] = field(default_factory=dict)
     text_encoder: dict[str, Any] = field(default_factory=dict)
     text_encoder_2: dict[str, Any] = field(default_factory=dict)  # SDXL; empty: as text_encoder
+    lora: list[LoraConfig] = field(default_factory=list)  # adapters (paraflow/models/lora.py)
+    lora_fuse: bool = False  # merge them into the weights (tensor parallelism needs it)
 
 
 @dataclass
@@ -109,6 +117,8 @@ class TinyDiTModelConfig:
     text_encoder: dict[str, Any] = field(default_factory=dict)  # a T5Config
     clip: dict[str, Any] = field(default_factory=dict)  # SD3's first CLIP, Flux's only one
     clip_2: dict[str, Any] = field(default_factory=dict)  # SD3's second; empty: as clip
+    lora: list[LoraConfig] = field(default_factory=list)  # adapters (paraflow/models/lora.py)
+    lora_fuse: bool = False  # merge them into the weights (tensor parallelism needs it)
 
 
 @dataclass
@@ -118,6 +128,8 @@ class PretrainedModelConfig:
     path: str = MISSING  # a diffusers pipeline folder, or a hub id when the hub is reachable
     variant: str | None = None  # e.g. "fp16" for weights saved as *.fp16.safetensors
     local_files_only: bool = True
+    lora: list[LoraConfig] = field(default_factory=list)  # adapters (paraflow/models/lora.py)
+    lora_fuse: bool = False  # merge them into the weights (tensor parallelism needs it)
 
 
 @dataclass
@@ -186,6 +198,17 @@ class RunConfig:
     plan_only: bool = False  # print the memory/communication plan (paraflow/plan), run nothing
     plan_memory_gb: float | None = None  # the plan's per-device budget (None: CUDA's, if any)
     serve: Any = None  # the image service (conf/serve, paraflow/serve/config.py)
+
+
+# Model config keys that are not the builder's arguments (applied after it builds the model).
+NOT_BUILD_OPTIONS = ("_target_", "name", "lora", "lora_fuse")
+
+
+def build_options(model_cfg: Any) -> tuple[str, dict[str, Any]]:
+    """(the builder's import path, its keyword arguments) of a model config."""
+    options = plain_dict(model_cfg)
+    target = options["_target_"]
+    return target, {k: v for k, v in options.items() if k not in NOT_BUILD_OPTIONS}
 
 
 def plain_dict(node: Any) -> dict[str, Any]:

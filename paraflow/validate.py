@@ -12,6 +12,7 @@ from omegaconf import DictConfig
 from paraflow.adapters import configured_latent_downsampling
 from paraflow.errors import ParaflowError
 from paraflow.graph import execution_order, input_binding
+from paraflow.models.lora import check_loras
 from paraflow.outputs import check_output_dir
 from paraflow.registry import build_strategy
 
@@ -85,6 +86,7 @@ def validate(cfg: DictConfig, output_dir: str | Path | None, devices: bool = Tru
         raise ParaflowError(f"guidance_scale={cfg.guidance_scale}: must be >= 0 "
                             "(values <= 1 turn classifier-free guidance off)")
     factor = model_factor(cfg.model)
+    check_loras(cfg.model)
     for key in ("height", "width"):
         value = int(cfg[key])
         if value <= 0 or value % factor:

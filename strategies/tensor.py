@@ -256,9 +256,14 @@ class TensorStrategy(StrategyBase):
         """Before any rank starts: the mesh, then the plan against the denoiser built on the
         meta device."""
         from paraflow.models import denoiser_skeleton
+        from paraflow.models.lora import lora_entries
 
         if self.cfg_split:
             check_cfg_split(cfg)
+        if lora_entries(cfg.model) and not cfg.model.get("lora_fuse"):
+            raise ParaflowError("strategy=tensor shards plain layers, not unfused LoRA "
+                                "adapters (model.lora): set model.lora_fuse=true to merge them "
+                                "into the weights first")
         world = world_of(cfg)
         layout = self.mesh_layout(world)
         skeleton = denoiser_skeleton(cfg.model)

@@ -1,4 +1,4 @@
-"""img2img and inpaint under the strategies, 2 and 3 gloo ranks, against one device.
+"""img2img, inpaint and LoRA under the strategies, 2 and 3 gloo ranks, against one device.
 
 sync_patch and tensor are exact: final fp32 latents within 1e-4 max abs difference, images
 within 1 grey level. Patch bands hold every rank's full encoded image and mask (replicated),
@@ -6,6 +6,8 @@ and the denoiser's input, the inpainting UNet's extra channels included, is cut 
 noise's bands. displaced_patch with a warm-up as long as the steps actually run is exact too,
 which holds only if its warm-up counts from img2img's first step, not from step 0 of the full
 schedule. data deals (image, mask, prompt) tuples: each image equals a single run of its own.
+Unfused LoRA (peft layers on attention and on 3×3 convolutions, whose down factor the patch
+layers give halos like any convolution) under sync_patch; fused LoRA under tensor.
 """
 
 from __future__ import annotations
@@ -16,7 +18,11 @@ from typing import Any
 
 import pytest
 
+from paraflow.api import compose
+from paraflow.models import load_pipeline
+from paraflow.tools.random_lora import save_random_lora
 from tests.patch_helpers import check_exact, config, latents, run_against_one_device, run_many
+from tests.test_lora import CONVS, lora_arg
 from tests.test_pipelines import input_image, mask_image
 
 pytestmark = pytest.mark.slow  # multi-process launches of whole runs
@@ -34,6 +40,11 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     found["tall"] = input_image(root / "tall.png", 9, (64, 96))
     found["mask"] = mask_image(root / "mask.png")
     found["tall_mask"] = mask_image(root / "tall_mask.png", (64, 96))
+    for name, model in (("lora", ["model=tiny_random"]), ("lora_thirds", ["model=tiny_random",
+                                                                         *THIRDS])):
+        found[name] = save_random_lora(load_pipeline(compose(model).model), root / name)
+    found["lora_conv"] = save_random_lora(load_pipeline(compose(["model=tiny_random"]).model),
+                                          root / "lora_conv", targets=CONVS, seed=1)
     return found
 
 
@@ -50,6 +61,15 @@ def inpaint(paths: dict[str, Path], model: str, tall: bool = False) -> list[str]
             "steps=4"]
 
 
+def lora(paths: dict[str, Path], fuse: bool, tall: bool = False,
+         thirds: bool = False) -> list[str]:
+    """txt2img with LoRA: attention and convolution adapters (one, on the widened model)."""
+    pairs = [(paths["lora_thirds"], 0.8)] if thirds else [(paths["lora"], 0.8),
+                                                        (paths["lora_conv"], 0.5)]
+    return ["model=tiny_random", *(THIRDS if thirds else []), lora_arg(pairs),
+            f"model.lora_fuse={fuse}", f"height={96 if tall else 64}", "width=64", "steps=3"]
+
+
 def _cases(devices: int, paths: dict[str, Path]) -> dict[str, tuple[list[str], list[str]]]:
     if devices == 2:
         return {
@@ -62,6 +82,9 @@ def _cases(devices: int, paths: dict[str, Path]) -> dict[str, tuple[list[str], l
             "inpaint9_tensor": (inpaint(paths, "tiny_inpaint_random"), TENSOR),
             "blend_sync": (inpaint(paths, "tiny_random"), SYNC),
             "blend_tensor": (inpaint(paths, "tiny_random"), TENSOR),
+            "lora_sync": (lora(paths, fuse=False), SYNC),
+            "lora_fused_sync": (lora(paths, fuse=True), SYNC),
+            "lora_fused_tensor": (lora(paths, fuse=True), TENSOR),
         }
     return {
         "img2img_sync": (img2img(paths, tall=True), SYNC),
@@ -69,6 +92,8 @@ def _cases(devices: int, paths: dict[str, Path]) -> dict[str, tuple[list[str], l
         "inpaint9_sync": (inpaint(paths, "tiny_inpaint_random", tall=True), SYNC),
         "inpaint9_tensor": ([*inpaint(paths, "tiny_inpaint_random"), *THIRDS], TENSOR),
         "blend_sync": (inpaint(paths, "tiny_random", tall=True), SYNC),
+        "lora_sync": (lora(paths, fuse=False, tall=True), SYNC),
+        "lora_fused_tensor": (lora(paths, fuse=True, thirds=True), TENSOR),
     }
 
 

@@ -9,22 +9,21 @@ from typing import Any
 from hydra.utils import get_class, get_method
 from omegaconf import DictConfig
 
-from paraflow.config import plain_dict
+from paraflow.config import build_options, plain_dict
 
 log = logging.getLogger(__name__)
 
 
 def load_pipeline(model_cfg: DictConfig, scheduler_cfg: DictConfig | None = None) -> Any:
-    options = plain_dict(model_cfg)
-    build = get_method(options.pop("_target_"))
-    options.pop("name", None)
-    pipe = build(**options)
+    target, options = build_options(model_cfg)
+    pipe = get_method(target)(**options)
     if scheduler_cfg is not None:
         pipe.scheduler = scheduler_for(pipe.scheduler, scheduler_cfg)
     pipe.set_progress_bar_config(disable=True)
     from paraflow.adapters import alias_flattened_clip  # adapters imports models.pretrained
+    from paraflow.models.lora import apply_loras
 
-    return alias_flattened_clip(pipe)
+    return apply_loras(alias_flattened_clip(pipe), model_cfg)
 
 
 def scheduler_for(own: Any, spec: DictConfig) -> Any:

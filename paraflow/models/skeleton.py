@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from paraflow.adapters import TEXT_ENCODERS, configured_denoiser, denoiser_family, t5_token_limit
-from paraflow.config import plain_dict
+from paraflow.config import build_options
 
 # The modules a run holds (a pipeline has a unet or a transformer).
 COMPONENTS = ("unet", "transformer", "vae", *TEXT_ENCODERS)
@@ -96,11 +96,9 @@ def pipeline_skeleton(model_cfg: DictConfig) -> dict[str, nn.Module] | None:
     if built_from_config(model_cfg):
         from hydra.utils import get_method
 
-        options = plain_dict(model_cfg)
-        build = get_method(options.pop("_target_"))
-        options.pop("name", None)
+        target, options = build_options(model_cfg)
         with torch.device("meta"):
-            pipe = build(**options)
+            pipe = get_method(target)(**options)
         return {n: m for n, m in pipe.components.items()
                 if n in COMPONENTS and isinstance(m, nn.Module)}
     folder = model_folder(model_cfg)

@@ -31,6 +31,16 @@ class PatchConv2d(nn.Module):
         self.geometry = (kernel, stride, padding, dilation)
         self.top, self.bottom = conv_halo(kernel, stride, padding, dilation)
 
+    # The wrapped convolution's parameters, for code that reads them off the layer (peft's LoRA
+    # convolution casts its input to its down factor's weight dtype).
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.conv.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.conv.bias
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         state = self.state
         sizes = state.band.scaled(x.shape[-2])
