@@ -26,6 +26,7 @@ from diffusers import (
     PixArtAlphaPipeline,
     PixArtSigmaPipeline,
     StableDiffusion3Pipeline,
+    StableDiffusionXLImg2ImgPipeline,
     StableDiffusionXLPipeline,
 )
 from diffusers.image_processor import VaeImageProcessor
@@ -63,7 +64,8 @@ class Conditioning:
 
 
 def is_sdxl(pipe: Any) -> bool:
-    return isinstance(pipe, StableDiffusionXLPipeline)
+    """SDXL's base, or its refiner (an img2img pipeline class)."""
+    return isinstance(pipe, (StableDiffusionXLPipeline, StableDiffusionXLImg2ImgPipeline))
 
 
 def is_pixart(pipe: Any) -> bool:
@@ -406,7 +408,8 @@ def encode_prompts(
         prompts, device=device, num_images_per_prompt=1,
         do_classifier_free_guidance=guidance, negative_prompt=negative, clip_skip=clip_skip,
     )
-    positive, negative_ids = sdxl_time_ids(micro, height, width)
+    aesthetic = bool(pipe.config.get("requires_aesthetics_score"))
+    positive, negative_ids = sdxl_time_ids(micro, height, width, aesthetic)
     time_ids = torch.tensor([positive], device=device).to(cond.dtype).repeat(len(prompts), 1)
     if guidance:
         uncond_ids = torch.tensor([negative_ids], device=device).to(cond.dtype)
@@ -418,15 +421,24 @@ def encode_prompts(
     return Conditioning(cond, {"text_embeds": pooled, "time_ids": time_ids})
 
 
-def sdxl_time_ids(micro: Any, height: int, width: int) -> tuple[list[int], list[int]]:
+def sdxl_time_ids(micro: Any, height: int, width: int,
+                  aesthetic: bool = False) -> tuple[list[float], list[float]]:
     """SDXL's time ids (original size, crop's top-left, target size) for the conditional and the
     unconditional branch, as StableDiffusionXLPipeline makes them: sizes default to the image's,
-    and the negative ids equal the positive unless both negative sizes are given."""
+    and the negative ids equal the positive unless both negative sizes are given. The refiner's
+    (`aesthetic`) end in an aesthetic score instead of the target size, as
+    StableDiffusionXLImg2ImgPipeline makes them."""
     image = [height, width]
     micro = micro or {}
     original = list(micro.get("original_size") or image)
     target = list(micro.get("target_size") or image)
-    positive = [*original, *(micro.get("crops_coords_top_left") or [0, 0]), *target]
+    crops = list(micro.get("crops_coords_top_left") or [0, 0])
+    if aesthetic:
+        negative_crops = list(micro.get("negative_crops_coords_top_left") or [0, 0])
+        return ([*original, *crops, micro.get("aesthetic_score", 6.0)],
+                [*(micro.get("negative_original_size") or original), *negative_crops,
+                 micro.get("negative_aesthetic_score", 2.5)])
+    positive = [*original, *crops, *target]
     neg_original = micro.get("negative_original_size")
     neg_target = micro.get("negative_target_size")
     if neg_original is None or neg_target is None:

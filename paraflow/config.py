@@ -49,6 +49,7 @@ class StageParallel(str, Enum):
 class Arch(str, Enum):
     sd = "sd"
     sdxl = "sdxl"
+    sdxl_refiner = "sdxl_refiner"
 
 
 class DiTArch(str, Enum):
@@ -77,6 +78,9 @@ class PipelineConfig:
     max_batch: int = 8  # images a rank pushes through the graph at once
     progress: bool = True
     stages: dict[str, StageConfig] = field(default_factory=dict)
+    # Models besides the run's `model`, by name (sdxl_refine's refiner); a stage runs on one with
+    # options.model=NAME.
+    models: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -168,6 +172,8 @@ class SDXLConditioning:
     negative_original_size: list[int] | None = None
     negative_crops_coords_top_left: list[int] = field(default_factory=lambda: [0, 0])
     negative_target_size: list[int] | None = None
+    aesthetic_score: float = 6.0  # the refiner's (requires_aesthetics_score) in place of a size
+    negative_aesthetic_score: float = 2.5
 
 
 @dataclass
@@ -190,6 +196,7 @@ class RunConfig:
     image: Any = None
     mask: Any = None  # white: repaint, black: keep
     strength: float | None = None  # how far the image is noised, (0, 1]; null: the pipeline's
+    denoising_end: float | None = None  # sdxl_refine: where the base hands over, (0, 1)
     seed: int = 0
     images_per_prompt: int = 1
     save_latents: bool = False

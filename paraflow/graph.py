@@ -38,6 +38,17 @@ def input_binding(entry: str) -> tuple[str, str]:
     return value, parameter or value
 
 
+def output_binding(entry: str) -> tuple[str, str]:
+    """(the stage's output, value) of one entry of its `outputs`: "latents as base_latents"
+    keeps the stage's `latents` as the value `base_latents` (one stage class used twice)."""
+    return input_binding(entry)
+
+
+def produced(spec: Any) -> list[str]:
+    """The values a stage's config says it produces."""
+    return [output_binding(entry)[1] for entry in spec.outputs]
+
+
 class Stage(Protocol):
     components: tuple[str, ...]
 
@@ -65,6 +76,9 @@ class StageEnv:
     # Long-lived helpers a host application hands its stages by name (the service's embedding
     # cache); the built-in stages need none.
     services: dict[str, Any] = field(default_factory=dict)
+    # The pipeline's other models by name (pipeline.models); a stage with options.model=NAME
+    # sees that one as `pipe` while it runs.
+    models: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -79,7 +93,7 @@ def execution_order(stages: Mapping[str, Any], provided: Iterable[str] = RUN_INP
     available = set(provided)
     producers: dict[str, str] = {}
     for name, spec in stages.items():
-        for out in spec.outputs:
+        for out in produced(spec):
             if out in producers or out in available:
                 raise ParaflowError(f"pipeline: '{out}' is produced by both "
                                     f"'{producers.get(out, 'the run')}' and '{name}'")
@@ -99,7 +113,7 @@ def execution_order(stages: Mapping[str, Any], provided: Iterable[str] = RUN_INP
             raise ParaflowError(f"pipeline: stages {sorted(pending)} form a cycle")
         for name in ready:
             order.append(name)
-            available.update(pending.pop(name).outputs)
+            available.update(produced(pending.pop(name)))
     return order
 
 
@@ -113,20 +127,41 @@ class StageGraph:
         return cls([StageNode(n, get_class(stages[n]._target_)(), stages[n]) for n in order])
 
     def run(self, env: StageEnv, values: dict[str, Any]) -> dict[str, Any]:
-        for node in self.nodes:
-            modules = [getattr(env.pipe, c) for c in node.stage.components
-                       if getattr(env.pipe, c, None) is not None]
-            inputs = {p: values[v] for v, p in map(input_binding, node.spec.inputs)}
-            start = time.perf_counter()
-            env.spec = node.spec
-            set_stage(node.name)  # what a failure of this rank reports (paraflow/errors.py)
-            with applied_policy(node.spec, modules, env.ctx.device) as (env.device, env.dtype):
-                outputs = node.stage(env, **inputs)
-                if env.device.type == "cuda":
-                    torch.cuda.synchronize(env.device)
-            env.seconds[node.name] += time.perf_counter() - start
-            missing = set(node.spec.outputs) - outputs.keys()
-            if missing:
-                raise RuntimeError(f"stage '{node.name}' did not produce {sorted(missing)}")
-            values.update({k: outputs[k] for k in node.spec.outputs})
+        main = env.pipe
+        try:
+            for node in self.nodes:
+                env.pipe = stage_model(env, node, main)
+                self._run_node(env, node, values)
+        finally:
+            env.pipe = main
         return values
+
+    def _run_node(self, env: StageEnv, node: StageNode, values: dict[str, Any]) -> None:
+        modules = [getattr(env.pipe, c) for c in node.stage.components
+                   if getattr(env.pipe, c, None) is not None]
+        inputs = {p: values[v] for v, p in map(input_binding, node.spec.inputs)}
+        start = time.perf_counter()
+        env.spec = node.spec
+        set_stage(node.name)  # what a failure of this rank reports (paraflow/errors.py)
+        with applied_policy(node.spec, modules, env.ctx.device) as (env.device, env.dtype):
+            outputs = node.stage(env, **inputs)
+            if env.device.type == "cuda":
+                torch.cuda.synchronize(env.device)
+        env.seconds[node.name] += time.perf_counter() - start
+        bound = [output_binding(entry) for entry in node.spec.outputs]
+        missing = sorted({key for key, _ in bound} - outputs.keys())
+        if missing:
+            raise RuntimeError(f"stage '{node.name}' did not produce {missing}")
+        values.update({value: outputs[key] for key, value in bound})
+
+
+def stage_model(env: StageEnv, node: StageNode, main: Any) -> Any:
+    """The pipeline a stage runs on: the run's, or the one its options.model names."""
+    name = (node.spec.get("options") or {}).get("model")
+    if name is None:
+        return main
+    if name not in env.models:
+        raise ParaflowError(f"pipeline.stages.{node.name}: options.model={name}, but the "
+                            f"loaded models are {sorted(env.models) or 'none'} "
+                            "(pipeline.models)")
+    return env.models[name]

@@ -69,6 +69,10 @@ def run_on_rank(ctx: ParallelContext, cfg: DictConfig) -> dict[str, Any] | None:
     strategy = build_strategy(cfg.strategy)
     strategy.setup(ctx)
     strategy.parallelize(pipe, ctx)
+    models = {name: load_pipeline(model_cfg, cfg.scheduler)
+              for name, model_cfg in (cfg.pipeline.get("models") or {}).items()}
+    for other in models.values():
+        strategy.parallelize(other, ctx)
     prompts = expanded_prompts(cfg)
     if ctx.is_main:
         warn_unknown_words(pipe.tokenizer, [*prompts, cfg.negative_prompt or ""])
@@ -78,7 +82,7 @@ def run_on_rank(ctx: ParallelContext, cfg: DictConfig) -> dict[str, Any] | None:
     kept_shape = (int(cfg.steps), *latent_shape) if cfg.save_trajectory else latent_shape
     sink = OutputSink((cfg.height, cfg.width, 3), kept_shape,
                       bool(cfg.save_latents or cfg.save_trajectory))
-    env = StageEnv(cfg=cfg, ctx=ctx, pipe=pipe, strategy=strategy, sink=sink)
+    env = StageEnv(cfg=cfg, ctx=ctx, pipe=pipe, strategy=strategy, sink=sink, models=models)
     graph = StageGraph.from_config(cfg.pipeline.stages)
     batch = int(cfg.pipeline.max_batch)
 

@@ -33,6 +33,7 @@ def model_factor(model_cfg: DictConfig) -> int:
 def check_stage_inputs(cfg: DictConfig) -> None:
     """Each stage class's own pre-launch check, `check(cfg, spec)` where it has one (an input
     image that must exist, a strength in range); a `_target_` that does not import is named."""
+    read: set[str] = set()
     for name, spec in cfg.pipeline.stages.items():
         try:
             found = get_class(spec._target_)
@@ -40,9 +41,46 @@ def check_stage_inputs(cfg: DictConfig) -> None:
             raise ParaflowError(f"pipeline.stages.{name}._target_={spec._target_}: cannot "
                                 f"import it ({error})") from None
         check_wiring(name, found, spec)
+        model = (spec.get("options") or {}).get("model")
+        models = sorted(cfg.pipeline.get("models") or {})
+        if model is not None and model not in models:
+            raise ParaflowError(f"pipeline.stages.{name}: options.model={model}, but the "
+                                f"pipeline's models are {', '.join(models) or 'none'} "
+                                "(pipeline.models)")
+        read |= run_keys_read(found, spec)
         check = getattr(found, "check", None)
         if check is not None:
             check(cfg, spec)
+    check_unread_keys(cfg, read)
+
+
+# Run keys that only some pipelines read, and which pipelines do (for the message).
+SOME_PIPELINES = {"image": "img2img, inpaint", "mask": "inpaint", "strength": "img2img, inpaint",
+                  "denoising_end": "sdxl_refine"}
+
+
+def run_keys_read(stage_class: type, spec: DictConfig) -> set[str]:
+    """The SOME_PIPELINES keys a stage reads: those its class names in `run_keys`, strength
+    where its options hold a default strength, denoising_end where they hold a hand-over."""
+    keys = set(getattr(stage_class, "run_keys", ()))
+    options = set(spec.get("options") or {})
+    if "strength" in options:
+        keys.add("strength")
+    if options & {"denoising_end", "denoising_start"}:
+        keys.add("denoising_end")
+    return keys
+
+
+def check_unread_keys(cfg: DictConfig, read: set[str]) -> None:
+    """A key given to a pipeline that does not read it is refused, not silently ignored."""
+    for key, pipelines in SOME_PIPELINES.items():
+        if cfg.get(key) is not None and key not in read:
+            raise ParaflowError(f"{key}={cfg[key]}: pipeline={cfg.pipeline.name} does not read "
+                                f"it (pipeline={pipelines} do)")
+    end = cfg.get("denoising_end")
+    if end is not None and not 0 < float(end) < 1:
+        raise ParaflowError(f"denoising_end={end}: must be in (0, 1), the fraction of the "
+                            "schedule the base runs")
 
 
 def check_wiring(name: str, stage_class: type, spec: DictConfig) -> None:
@@ -87,6 +125,11 @@ def validate(cfg: DictConfig, output_dir: str | Path | None, devices: bool = Tru
                             "(values <= 1 turn classifier-free guidance off)")
     factor = model_factor(cfg.model)
     check_loras(cfg.model)
+    for name, other in (cfg.pipeline.get("models") or {}).items():
+        check_loras(other)
+        if model_factor(other) != factor:  # one latent tensor goes from one model to the next
+            raise ParaflowError(f"pipeline.models.{name} ({other.name}): its VAE downsamples "
+                                f"by {model_factor(other)}, model {cfg.model.name}'s by {factor}")
     for key in ("height", "width"):
         value = int(cfg[key])
         if value <= 0 or value % factor:

@@ -1,6 +1,7 @@
 """The pipelines of conf/pipeline/ on one device against diffusers' own, built from the same
 saved folder and inputs: txt2img with guidance_rescale, clip_skip and SDXL micro-conditioning,
-and img2img (SD, SDXL, SD3). Latents within 1e-5, images within 1 grey level."""
+img2img (SD, SDXL, SD3), inpaint (both UNet kinds) and SDXL base + refiner. Latents within
+1e-5, images within 1 grey level."""
 
 from __future__ import annotations
 
@@ -196,6 +197,13 @@ BAD_INPUTS = [
      "mask={small}: 32x32, but its image is 64x64"),
     (["pipeline=inpaint", "image={good}", "mask={good}", "model=tiny_sd3_random"],
      "pipeline=inpaint needs a UNet model"),
+    (["image={good}"], "pipeline=txt2img does not read it (pipeline=img2img, inpaint do)"),
+    (["strength=0.5"], "strength=0.5: pipeline=txt2img does not read it"),
+    (["denoising_end=0.5"], "denoising_end=0.5: pipeline=txt2img does not read it"),
+    (["pipeline=sdxl_refine", "model=tiny_xl_random", "denoising_end=1.0"],
+     "denoising_end=1.0: must be in (0, 1)"),
+    (["pipeline=sdxl_refine", "model=tiny_xl_random", "pipeline.stages.refine.options.model=rf"],
+     "options.model=rf, but the pipeline's models are refiner"),
     (["pipeline.stages.encode._target_=no.such.Stage"],
      "pipeline.stages.encode._target_=no.such.Stage: cannot import it"),
 ]
@@ -241,3 +249,46 @@ def test_inpaint(unet: str, strength: float, inpaint_folder: Path, tiny_folders:
                 mask_image=[Image.open(mask)] * 2, strength=strength, num_inference_steps=5,
                 guidance_scale=5.0, height=64, width=64)
     compare(out, pipe, call, [11, 12])
+
+
+@pytest.fixture(scope="module")
+def refiner_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("refiner") / "tiny_xl_refiner_random"
+    load_pipeline(compose(["model=tiny_xl_refiner_random"]).model).save_pretrained(
+        folder, safe_serialization=True)
+    return folder
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "euler"])
+def test_sdxl_base_and_refiner(scheduler: str, tiny_folders: dict[str, Path],
+                               refiner_folder: Path, tmp_path: Path) -> None:
+    """The base denoises to denoising_end, the refiner continues from there on its latents, as
+    diffusers' ensemble-of-experts recipe runs the two pipelines."""
+    base_folder = tiny_folders["tiny_xl_random"]
+    run_paraflow(tmp_path, ["pipeline=sdxl_refine", "model=pretrained",
+                            f"model.path={base_folder}", "model@pipeline.models.refiner=pretrained",
+                            f"pipeline.models.refiner.path={refiner_folder}",
+                            f"scheduler={scheduler}", prompt_list(PROMPTS[:1]), "steps=10",
+                            "denoising_end=0.7", "negative_prompt=green", "save_latents=true"])
+    base = StableDiffusionXLPipeline.from_pretrained(base_folder)
+    refiner = StableDiffusionXLImg2ImgPipeline.from_pretrained(refiner_folder)
+    for pipe in (base, refiner):
+        pipe.set_progress_bar_config(disable=True)
+        if scheduler == "euler":
+            pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    common = dict(prompt=PROMPTS[:1], negative_prompt="green", num_inference_steps=10,
+                  guidance_scale=5.0)
+
+    class Ensemble:
+        """The two stock pipelines as one call, for compare()."""
+
+        def set_progress_bar_config(self, **_: Any) -> None:
+            pass
+
+        def __call__(self, generator: Any, output_type: str, **_: Any) -> Any:
+            handed = base(**common, height=64, width=64, denoising_end=0.7,
+                          generator=generator, output_type="latent").images
+            return refiner(**common, image=handed, denoising_start=0.7, generator=generator,
+                           output_type=output_type)
+
+    compare(tmp_path, Ensemble(), {}, [0])

@@ -13,6 +13,7 @@ from diffusers import (
     PixArtSigmaPipeline,
     StableDiffusion3Pipeline,
     StableDiffusionPipeline,
+    StableDiffusionXLImg2ImgPipeline,
     StableDiffusionXLPipeline,
 )
 
@@ -21,6 +22,7 @@ from paraflow.errors import ParaflowError
 SUPPORTED = {
     "StableDiffusionPipeline": StableDiffusionPipeline,
     "StableDiffusionXLPipeline": StableDiffusionXLPipeline,
+    "StableDiffusionXLImg2ImgPipeline": StableDiffusionXLImg2ImgPipeline,  # the SDXL refiner
     "PixArtAlphaPipeline": PixArtAlphaPipeline,
     "PixArtSigmaPipeline": PixArtSigmaPipeline,
     "StableDiffusion3Pipeline": StableDiffusion3Pipeline,
@@ -31,6 +33,8 @@ REQUIRED = {
     "StableDiffusionPipeline": ("unet", "vae", "text_encoder", "tokenizer", "scheduler"),
     "StableDiffusionXLPipeline": ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer",
                                   "tokenizer_2", "scheduler"),
+    "StableDiffusionXLImg2ImgPipeline": ("unet", "vae", "text_encoder_2", "tokenizer_2",
+                                         "scheduler"),
     "PixArtAlphaPipeline": PIXART_PARTS,
     "PixArtSigmaPipeline": PIXART_PARTS,
     "StableDiffusion3Pipeline": ("transformer", "vae", "text_encoder", "text_encoder_2",

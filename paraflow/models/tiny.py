@@ -13,6 +13,7 @@ from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
     StableDiffusionPipeline,
+    StableDiffusionXLImg2ImgPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
@@ -46,7 +47,7 @@ def text_encoder_config(tokenizer: Any, text_encoder: dict[str, Any]) -> CLIPTex
 
 
 def build_tiny(
-    arch: Literal["sd", "sdxl"],
+    arch: Literal["sd", "sdxl", "sdxl_refiner"],
     unet: dict[str, Any],
     vae: dict[str, Any],
     text_encoder: dict[str, Any],
@@ -54,9 +55,11 @@ def build_tiny(
     max_tokens: int = 16,
     vocabulary: list[str] | None = None,
     text_encoder_2: dict[str, Any] | None = None,
-) -> StableDiffusionPipeline | StableDiffusionXLPipeline:
-    """Build a randomly initialised pipeline of architecture `arch` ("sd" or "sdxl").
-    `text_encoder_2` (SDXL's second encoder) defaults to `text_encoder`'s config."""
+) -> Any:
+    """Build a randomly initialised pipeline of architecture `arch`: "sd", "sdxl", or
+    "sdxl_refiner" (SDXL's refiner: the second text encoder only, aesthetic-score time ids,
+    as an img2img pipeline). `text_encoder_2` (SDXL's second encoder) defaults to
+    `text_encoder`'s config."""
     words = list(vocabulary) if vocabulary else list(DEFAULT_VOCABULARY)
     tokenizer = build_word_tokenizer(words, max_length=max_tokens)
     scheduler = DDIMScheduler(**SD_SCHEDULER_CONFIG)
@@ -77,6 +80,12 @@ def build_tiny(
         )
     encoder_2 = CLIPTextModelWithProjection(
         text_encoder_config(tokenizer, text_encoder_2 or text_encoder))
+    if arch == "sdxl_refiner":
+        return StableDiffusionXLImg2ImgPipeline(
+            vae=vae_model, text_encoder=None, text_encoder_2=encoder_2, tokenizer=None,
+            tokenizer_2=build_word_tokenizer(words, max_length=max_tokens), unet=unet_model,
+            scheduler=scheduler, requires_aesthetics_score=True,
+            force_zeros_for_empty_prompt=False)
     return StableDiffusionXLPipeline(
         vae=vae_model,
         text_encoder=encoder,

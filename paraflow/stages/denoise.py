@@ -16,7 +16,7 @@ from paraflow.adapters import (
 from paraflow.errors import ParaflowError, set_stage
 from paraflow.graph import StageEnv
 from paraflow.stages.inpaint import InpaintCondition
-from paraflow.stages.schedule import Schedule, full_schedule
+from paraflow.stages.schedule import Schedule, ending_at, full_schedule, handover, starting_at
 
 # The finiteness of the latents is recorded on the device every step (no host sync, so a GPU's
 # stream and a strategy's asynchronous exchange are not stalled) and read on the host every
@@ -43,7 +43,9 @@ class Denoise:
     guidance_rescale), a per-step strategy hook. Without a `schedule` input it runs every step
     from unit noise; with one (img2img, inpaint) the steps it names, from noised latents. Step
     0 is the first step run, so a strategy's warm-up counts from there. An `inpaint` input
-    extends each step's denoiser input or blends the kept region back after it."""
+    extends each step's denoiser input or blends the kept region back after it. Options
+    `denoising_end` / `denoising_start` cut the schedule where a base hands over to a refiner
+    (pipeline=sdxl_refine)."""
 
     components = ("unet", "transformer")
 
@@ -54,6 +56,12 @@ class Denoise:
         cfg, comm = env.cfg, env.ctx.comm
         model = denoiser(env.pipe)
         schedule = schedule or full_schedule(env, initial_latents.shape)
+        start = handover(cfg, env.spec, "denoising_start")
+        if start is not None:  # continues another stage's latents (a refiner)
+            schedule = starting_at(schedule, start)
+        end = handover(cfg, env.spec, "denoising_end")
+        if end is not None:  # hands its latents, still noisy, to another stage
+            schedule = ending_at(schedule, end)
         scheduler = schedule.scheduler
         guidance = uses_guidance(env.pipe, cfg.guidance_scale)
         rescale = float(cfg.get("guidance_rescale") or 0.0)

@@ -69,6 +69,7 @@ class LoadImage:
     size where they differ (VaeImageProcessor, as diffusers' pipelines prepare them)."""
 
     components = ()
+    run_keys = ("image",)
 
     @staticmethod
     def check(cfg: DictConfig, spec: Any) -> None:
@@ -85,6 +86,7 @@ class LoadMask:
     levels binarized at one half, as diffusers' mask processor does)."""
 
     components = ()
+    run_keys = ("mask",)
 
     @staticmethod
     def check(cfg: DictConfig, spec: Any) -> None:

@@ -54,6 +54,43 @@ def from_strength(schedule: Schedule, strength: float) -> Schedule:
     return Schedule(scheduler, schedule.timesteps[start:], noised=True)
 
 
+def _cutoff(scheduler: Any, fraction: float) -> int:
+    """The training timestep a fraction of the way through denoising (SDXL's hand-over)."""
+    total = int(scheduler.config.num_train_timesteps)
+    return int(round(total - fraction * total))
+
+
+def ending_at(schedule: Schedule, fraction: float) -> Schedule:
+    """The steps before `fraction` of the way (SDXL's denoising_end): the base's part."""
+    cutoff = _cutoff(schedule.scheduler, fraction)
+    kept = int((schedule.timesteps >= cutoff).sum())
+    return Schedule(schedule.scheduler, schedule.timesteps[:kept], schedule.noised)
+
+
+def starting_at(schedule: Schedule, fraction: float) -> Schedule:
+    """The steps from `fraction` of the way on (denoising_start), as the SDXL img2img pipeline
+    cuts them: the refiner's part, continuing from the base's latents."""
+    scheduler = schedule.scheduler
+    count = int((schedule.timesteps < _cutoff(scheduler, fraction)).sum())
+    if scheduler.order == 2 and count % 2 == 0:
+        count += 1  # a second-order scheduler's steps come in pairs after the first
+    start = len(schedule.timesteps) - count
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(start)
+    return Schedule(scheduler, schedule.timesteps[start:], noised=True)
+
+
+def handover(cfg: Any, spec: Any, key: str) -> float | None:
+    """A denoise stage's denoising_start / denoising_end: None unless its options name `key`;
+    the run's `denoising_end` (one hand-over point for both stages) when set, else the
+    option's value."""
+    options = spec.get("options") or {}
+    if key not in options:
+        return None
+    run = cfg.get("denoising_end")
+    return float(run if run is not None else options[key])
+
+
 def run_strength(cfg: Any, spec: Any) -> float:
     """The run's `strength`, else the stage's own default (options.strength), else 1."""
     value = cfg.get("strength")
