@@ -6,8 +6,10 @@ and the denoiser's input, the inpainting UNet's extra channels included, is cut 
 noise's bands. displaced_patch with a warm-up as long as the steps actually run is exact too,
 which holds only if its warm-up counts from img2img's first step, not from step 0 of the full
 schedule. data deals (image, mask, prompt) tuples: each image equals a single run of its own.
-Unfused LoRA (peft layers on attention and on 3×3 convolutions, whose down factor the patch
-layers give halos like any convolution) under sync_patch; fused LoRA under tensor.
+SDXL base + refiner: both UNets laid out by the strategy, the refiner's warm-up and state
+starting afresh at its first step. Unfused LoRA (peft layers on attention and on 3×3
+convolutions, whose down factor the patch layers give halos like any convolution) under
+sync_patch; fused LoRA under tensor.
 """
 
 from __future__ import annotations
@@ -31,6 +33,9 @@ SYNC, TENSOR = ["+strategy=sync_patch"], ["+strategy=tensor"]
 # Widths that split into 3 (channels, heads and GroupNorm groups), for tensor on 3 ranks.
 THIRDS = ["model.unet.block_out_channels=[48,96,96]", "model.unet.norm_num_groups=6",
           "model.unet.attention_head_dim=6"]
+
+# SDXL base + refiner: two models' UNets, both parallelized, in one graph.
+REFINE = ["pipeline=sdxl_refine", "model=tiny_xl_random", "height=64", "width=64", "steps=5"]
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +90,9 @@ def _cases(devices: int, paths: dict[str, Path]) -> dict[str, tuple[list[str], l
             "lora_sync": (lora(paths, fuse=False), SYNC),
             "lora_fused_sync": (lora(paths, fuse=True), SYNC),
             "lora_fused_tensor": (lora(paths, fuse=True), TENSOR),
+            "refine_sync": (REFINE, SYNC),
+            "refine_tensor": (REFINE, TENSOR),
+            "refine_data": ([*REFINE, "prompt=[a red circle,a blue square]"], ["+strategy=data"]),
         }
     return {
         "img2img_sync": (img2img(paths, tall=True), SYNC),

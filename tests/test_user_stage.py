@@ -41,7 +41,7 @@ def expected(plain: np.ndarray, amount: float) -> np.ndarray:
         from vignette import vignette
     finally:
         sys.path.remove(str(USER))
-    pixels = torch.from_numpy(plain).permute(2, 0, 1)[None].float() / 127.5 - 1
+    pixels = torch.from_numpy(plain.copy()).permute(2, 0, 1)[None].float() / 127.5 - 1
     out = vignette(pixels, amount).clamp(-1, 1)
     return ((out[0].permute(1, 2, 0).numpy() + 1) * 127.5).round().astype(np.uint8)
 
