@@ -615,32 +615,36 @@ def _flux_forward(model: Any, latents: torch.Tensor, timestep: torch.Tensor,
     return FluxPipeline._unpack_latents(out, rows, cols, 1)  # type: ignore[no-any-return]
 
 
+def _latent_statistics(vae: Any, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The per-channel mean and std the VAE's latents were normalised with, shaped to broadcast
+    over `like`; None for a VAE with one scaling factor (and a shift)."""
+    mean = getattr(vae.config, "latents_mean", None)
+    std = getattr(vae.config, "latents_std", None)
+    if mean is None or std is None:
+        return None
+    shape = (1, like.shape[1], 1, 1)
+    return (torch.tensor(mean, device=like.device, dtype=like.dtype).view(shape),
+            torch.tensor(std, device=like.device, dtype=like.dtype).view(shape))
+
+
 def latents_to_vae_input(vae: Any, latents: torch.Tensor) -> torch.Tensor:
     """Undo the latent normalisation the VAE was trained with (mean/std where given)."""
-    config = vae.config
-    mean = getattr(config, "latents_mean", None)
-    std = getattr(config, "latents_std", None)
-    if mean is not None and std is not None:
-        shape = (1, latents.shape[1], 1, 1)
-        mean_t = torch.tensor(mean, device=latents.device, dtype=latents.dtype).view(shape)
-        std_t = torch.tensor(std, device=latents.device, dtype=latents.dtype).view(shape)
-        return latents * std_t / config.scaling_factor + mean_t
-    shift = getattr(config, "shift_factor", None) or 0.0  # SD3's and Flux's VAEs
-    return latents / config.scaling_factor + shift
+    scale, statistics = vae.config.scaling_factor, _latent_statistics(vae, latents)
+    if statistics is not None:
+        mean, std = statistics
+        return latents * std / scale + mean
+    shift = getattr(vae.config, "shift_factor", None) or 0.0  # SD3's and Flux's VAEs
+    return latents / scale + shift
 
 
 def vae_output_to_latents(vae: Any, sample: torch.Tensor) -> torch.Tensor:
     """A VAE encoder's sample in the denoiser's latent space (latents_to_vae_input's inverse)."""
-    config = vae.config
-    mean = getattr(config, "latents_mean", None)
-    std = getattr(config, "latents_std", None)
-    if mean is not None and std is not None:
-        shape = (1, sample.shape[1], 1, 1)
-        mean_t = torch.tensor(mean, device=sample.device, dtype=sample.dtype).view(shape)
-        std_t = torch.tensor(std, device=sample.device, dtype=sample.dtype).view(shape)
-        return (sample - mean_t) * config.scaling_factor / std_t
-    shift = getattr(config, "shift_factor", None) or 0.0
-    return (sample - shift) * config.scaling_factor
+    scale, statistics = vae.config.scaling_factor, _latent_statistics(vae, sample)
+    if statistics is not None:
+        mean, std = statistics
+        return (sample - mean) * scale / std
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return (sample - shift) * scale
 
 
 def pixels_to_uint8(pixels: torch.Tensor) -> np.ndarray:

@@ -9,7 +9,7 @@ import torch
 from hydra.utils import get_class
 from omegaconf import DictConfig
 
-from paraflow.adapters import configured_latent_downsampling
+from paraflow.adapters import configured_downsampling, configured_latent_downsampling
 from paraflow.errors import ParaflowError
 from paraflow.graph import execution_order, input_binding
 from paraflow.models.lora import check_loras
@@ -153,6 +153,14 @@ def validate(cfg: DictConfig, output_dir: str | Path | None, devices: bool = Tru
                             f"use 1..{torch.cuda.device_count()}")
     strategy = build_strategy(cfg.strategy)
     strategy.validate(cfg)  # the strategy's own pre-launch checks
+    if strategy.replicated_latents:  # bands are cut by the run's model's coarsest level
+        unit = configured_downsampling(cfg.model)
+        for name, other in (cfg.pipeline.get("models") or {}).items():
+            if configured_downsampling(other) not in (None, unit):
+                raise ParaflowError(f"pipeline.models.{name} ({other.name}): its denoiser "
+                                    f"downsamples by {configured_downsampling(other)}, model "
+                                    f"{cfg.model.name}'s by {unit}; strategy {strategy.name} "
+                                    "cuts one band plan for both")
     execution_order(cfg.pipeline.stages)
     check_stage_inputs(cfg)
     world = int(launcher.devices) * int(launcher.num_nodes)

@@ -45,20 +45,22 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     return [input_image(root / f"in{i}.png", i) for i in range(2)]
 
 
-@pytest.fixture(scope="module")
-def sd3_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("sd3") / "tiny_sd3_random"
-    load_pipeline(compose(["model=tiny_sd3_random"]).model).save_pretrained(
+def saved_folder(tmp_path_factory: pytest.TempPathFactory, model: str) -> Path:
+    """The model config `model` built and written with diffusers' save_pretrained."""
+    folder = tmp_path_factory.mktemp(model) / model
+    load_pipeline(compose([f"model={model}"]).model).save_pretrained(
         folder, safe_serialization=True)
     return folder
+
+
+@pytest.fixture(scope="module")
+def sd3_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return saved_folder(tmp_path_factory, "tiny_sd3_random")
 
 
 @pytest.fixture(scope="module")
 def inpaint_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("inpaint") / "tiny_inpaint_random"
-    load_pipeline(compose(["model=tiny_inpaint_random"]).model).save_pretrained(
-        folder, safe_serialization=True)
-    return folder
+    return saved_folder(tmp_path_factory, "tiny_inpaint_random")
 
 
 def mask_image(path: Path, size: tuple[int, int] = (64, 64)) -> Path:
@@ -204,6 +206,14 @@ BAD_INPUTS = [
      "denoising_end=1.0: must be in (0, 1)"),
     (["pipeline=sdxl_refine", "model=tiny_xl_random", "pipeline.stages.refine.options.model=rf"],
      "options.model=rf, but the pipeline's models are refiner"),
+    (["pipeline=sdxl_refine", "model=tiny_xl_random", "+strategy=sync_patch",
+      "launcher.devices=2", "pipeline.models.refiner.unet.block_out_channels=[32,64,64,64]",
+      "pipeline.models.refiner.unet.down_block_types=[DownBlock2D,CrossAttnDownBlock2D,"
+      "CrossAttnDownBlock2D,DownBlock2D]", "pipeline.models.refiner.unet.up_block_types="
+      "[UpBlock2D,CrossAttnUpBlock2D,CrossAttnUpBlock2D,UpBlock2D]",
+      "pipeline.models.refiner.unet.attention_head_dim=[2,4,4,4]",
+      "pipeline.models.refiner.unet.transformer_layers_per_block=[1,1,2,1]"],
+     "its denoiser downsamples by 8, model tiny_xl_random's by 4"),
     (["pipeline.stages.encode._target_=no.such.Stage"],
      "pipeline.stages.encode._target_=no.such.Stage: cannot import it"),
 ]
@@ -253,10 +263,7 @@ def test_inpaint(unet: str, strength: float, inpaint_folder: Path, tiny_folders:
 
 @pytest.fixture(scope="module")
 def refiner_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("refiner") / "tiny_xl_refiner_random"
-    load_pipeline(compose(["model=tiny_xl_refiner_random"]).model).save_pretrained(
-        folder, safe_serialization=True)
-    return folder
+    return saved_folder(tmp_path_factory, "tiny_xl_refiner_random")
 
 
 @pytest.mark.parametrize("scheduler", ["ddim", "euler"])
