@@ -38,6 +38,8 @@ class Strategy(Protocol):
     image_comm: the ranks that hold the same image (decode in bands runs over them).
     decode_in_bands: the VAE decode with the image's rows split over `image_comm`; only called
         when `replicated_latents` (every rank of `image_comm` holds the same latents).
+    encode_in_bands: the VAE encode likewise (img2img, inpaint): the posterior's parameters,
+        the whole latent on every rank.
     result_comm: the ranks this rank's images are gathered over, by index (None: it takes part
         in no gather); the default `gather` runs over it and the planner sizes it from it.
     gather: collect every rank's outputs; the result matters on rank 0 only, which writes.
@@ -77,6 +79,9 @@ class Strategy(Protocol):
     def image_comm(self, ctx: ParallelContext) -> Communicator: ...
 
     def decode_in_bands(self, vae: Any, latents: torch.Tensor,
+                        ctx: ParallelContext) -> torch.Tensor: ...
+
+    def encode_in_bands(self, vae: Any, pixels: torch.Tensor,
                         ctx: ParallelContext) -> torch.Tensor: ...
 
     def result_comm(self, ctx: ParallelContext) -> Communicator | None: ...
@@ -131,6 +136,10 @@ class StrategyBase:
     def decode_in_bands(self, vae: Any, latents: torch.Tensor,
                         ctx: ParallelContext) -> torch.Tensor:
         raise NotImplementedError(f"strategy {self.name} does not decode in bands")
+
+    def encode_in_bands(self, vae: Any, pixels: torch.Tensor,
+                        ctx: ParallelContext) -> torch.Tensor:
+        raise NotImplementedError(f"strategy {self.name} does not encode in bands")
 
     def exact_twin(self, cfg: DictConfig) -> list[str] | None:
         return None

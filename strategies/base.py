@@ -25,3 +25,9 @@ class ReplicatedModel(StrategyBase):
 
         return patch_decode(vae, latents, self.image_comm(ctx))
 
+
+    def encode_in_bands(self, vae: Any, pixels: torch.Tensor,
+                        ctx: ParallelContext) -> torch.Tensor:
+        from paraflow.strategies.patch.vae import patch_encode
+
+        return patch_encode(vae, pixels, self.image_comm(ctx))

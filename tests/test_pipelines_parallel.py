@@ -1,11 +1,13 @@
 """img2img, inpaint and LoRA under the strategies, 2 and 3 gloo ranks, against one device.
 
 sync_patch and tensor are exact: final fp32 latents within 1e-4 max abs difference, images
-within 1 grey level. Patch bands hold every rank's full encoded image and mask (replicated),
-and the denoiser's input, the inpainting UNet's extra channels included, is cut into the
-noise's bands. displaced_patch with a warm-up as long as the steps actually run is exact too,
-which holds only if its warm-up counts from img2img's first step, not from step 0 of the full
-schedule. data deals (image, mask, prompt) tuples: each image equals a single run of its own.
+within 1 grey level. The VAE encodes the input image in bands of rows (halos, shared GroupNorm
+statistics; the encoder's padded downsamplers take their extra row from the band below); every
+rank then holds the whole encoded image and mask, and the denoiser's input, the inpainting
+UNet's extra channels included, is cut into the noise's bands. displaced_patch with a warm-up
+as long as the steps actually run is exact too, which holds only if its warm-up counts from
+img2img's first step, not from step 0 of the full schedule. data deals (image, mask, prompt)
+tuples: each image equals a single run of its own.
 SDXL base + refiner: both UNets laid out by the strategy, the refiner's warm-up and state
 starting afresh at its first step. Unfused LoRA (peft layers on attention and on 3×3
 convolutions, whose down factor the patch layers give halos like any convolution) under
@@ -80,6 +82,8 @@ def _cases(devices: int, paths: dict[str, Path]) -> dict[str, tuple[list[str], l
         return {
             "img2img_sync": (img2img(paths), SYNC),
             "img2img_sync_cfg": (img2img(paths), [*SYNC, "strategy.cfg_split=true"]),
+            "img2img_sync_whole_encode": (img2img(paths), [
+                *SYNC, "pipeline.stages.encode_image.parallel=none"]),
             "img2img_tensor": (img2img(paths), TENSOR),
             "img2img_displaced_warm": (img2img(paths), ["+strategy=distrifusion",
                                                         "strategy.warmup_steps=2"]),
@@ -126,6 +130,15 @@ def test_two_ranks_equal_one_device(two_ranks: dict[str, Any], name: str) -> Non
 @pytest.mark.parametrize("name", sorted(_cases(3, NAMES_ONLY)))
 def test_three_ranks_equal_one_device(three_ranks: dict[str, Any], name: str) -> None:
     check_exact(*three_ranks[name])
+
+
+def test_the_image_is_encoded_in_bands(two_ranks: dict[str, Any]) -> None:
+    """Under a patch strategy the VAE encoder runs in bands (its halos and GroupNorm sums are
+    traffic outside the denoising steps); with parallel=none every rank encodes it whole. Both
+    are exact (above)."""
+    banded, _ = two_ranks["img2img_sync"]
+    whole, _ = two_ranks["img2img_sync_whole_encode"]
+    assert min(banded["comm_bytes_outside_steps"]) > max(whole["comm_bytes_outside_steps"])
 
 
 def test_displaced_warm_up_counts_from_the_first_step_run(two_ranks: dict[str, Any],

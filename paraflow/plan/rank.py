@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from paraflow.config import StageParallel
+from paraflow.graph import execution_order
 from paraflow.models.skeleton import component_skeleton, denoiser_component
 from paraflow.plan.seats import Seat, set_up
 from paraflow.plan.simulate import Inputs, replay
@@ -28,8 +29,11 @@ def _skeleton(cfg: DictConfig, name: str, policies: dict[str, Policy]) -> Any:
 
 
 def patch_decode_wanted(cfg: DictConfig, strategy: Any) -> bool:
-    """Whether the decode stage runs in bands (pipeline.stages.*.parallel, as Decode reads it)."""
-    for spec in cfg.pipeline.stages.values():
+    """Whether the decode stage runs in bands (pipeline.stages.*.parallel, as Decode reads it):
+    the last stage of the graph that uses the VAE (img2img's encode comes before it)."""
+    stages = cfg.pipeline.stages
+    for name in reversed(execution_order(stages)):
+        spec = stages[name]
         if "vae" in getattr(get_class(spec._target_), "components", ()):
             parallel = StageParallel(spec.get("parallel", "none"))
             shared = strategy.replicated_latents

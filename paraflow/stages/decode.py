@@ -19,13 +19,18 @@ class Decode:
     def __call__(self, env: StageEnv, latents: torch.Tensor) -> dict[str, Any]:
         vae = env.pipe.vae
         scaled = latents_to_vae_input(vae, latents.to(env.device, env.dtype))
-        parallel = StageParallel(getattr(env.spec, "parallel", StageParallel.none))
-        strategy = env.strategy
-        if parallel is StageParallel.auto:
-            shared = strategy.replicated_latents
-            parallel = StageParallel.patch if shared else StageParallel.none
-        if parallel is StageParallel.patch and strategy.image_comm(env.ctx).world_size > 1:
-            pixels = strategy.decode_in_bands(vae, scaled, env.ctx)
+        if in_bands(env):
+            pixels = env.strategy.decode_in_bands(vae, scaled, env.ctx)
         else:
             pixels = vae.decode(scaled, return_dict=False)[0]
         return {"pixels": pixels.float()}
+
+
+def in_bands(env: StageEnv) -> bool:
+    """Whether the running stage splits its VAE work in bands: `parallel=patch`, or `auto`
+    under a strategy whose ranks hold the same latents, over more than one rank."""
+    parallel = StageParallel(getattr(env.spec, "parallel", StageParallel.none))
+    if parallel is StageParallel.auto:
+        shared = env.strategy.replicated_latents
+        parallel = StageParallel.patch if shared else StageParallel.none
+    return parallel is StageParallel.patch and env.strategy.image_comm(env.ctx).world_size > 1

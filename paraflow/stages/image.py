@@ -8,12 +8,14 @@ from typing import Any
 
 import torch
 from diffusers.image_processor import VaeImageProcessor
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from omegaconf import DictConfig
 from PIL import Image, UnidentifiedImageError
 
 from paraflow.adapters import latent_downsampling, vae_output_to_latents
 from paraflow.errors import ParaflowError
 from paraflow.graph import StageEnv
+from paraflow.stages.decode import in_bands
 from paraflow.stages.latents import draw, image_generators
 from paraflow.validate import prompts_of
 
@@ -120,9 +122,15 @@ class EncodeImage:
 def encode_sample(env: StageEnv, pixels: torch.Tensor,
                   generators: list[torch.Generator]) -> torch.Tensor:
     """The VAE's latents of `pixels` (fp32): a sample of its posterior, image i's drawn from
-    generators[i] (diffusers' retrieve_latents)."""
+    generators[i] (diffusers' retrieve_latents); in bands where the running stage says so
+    (`parallel`, as the decode stage reads it)."""
     vae = env.pipe.vae
-    posterior = vae.encode(pixels.to(env.device, env.dtype)).latent_dist
+    pixels = pixels.to(env.device, env.dtype)
+    if in_bands(env):  # the same posterior, each rank encoding a band of rows
+        posterior = DiagonalGaussianDistribution(env.strategy.encode_in_bands(vae, pixels,
+                                                                              env.ctx))
+    else:
+        posterior = vae.encode(pixels).latent_dist
     unit = draw(generators, tuple(posterior.mean.shape[1:]), env.device)
     sample = posterior.mean + posterior.std * unit.to(posterior.mean.dtype)
     return vae_output_to_latents(vae, sample).float()
