@@ -70,7 +70,8 @@ def test_the_lora_changes_the_image(loras: dict[str, Path], tmp_path: Path) -> N
 @pytest.mark.parametrize("overrides,needle", [
     ([lora_arg([(Path("/no/such/lora"), 1.0)])], "model.lora[0].path=/no/such/lora: no such"),
     (["{xl}"], "model.lora[0] (pytorch_lora_weights.safetensors): layer "),
-    (["{xl}", "model=tiny_pixart_random"], "adapts layer 'down_blocks"),
+    (["{xl}", "model=tiny_sd3_random"], "adapts layer 'down_blocks"),
+    (["{xl}", "model=tiny_pixart_random"], "is a pixart model, whose diffusers pipeline loads"),
     (["model=tiny_random", "{attention}", "+strategy=tensor", "launcher.devices=2"],
      "strategy=tensor shards plain layers, not unfused LoRA adapters"),
 ])
