@@ -11,7 +11,7 @@ tuples: each image equals a single run of its own.
 SDXL base + refiner: both UNets laid out by the strategy, the refiner's warm-up and state
 starting afresh at its first step. Unfused LoRA (peft layers on attention and on 3×3
 convolutions, whose down factor the patch layers give halos like any convolution) under
-sync_patch; fused LoRA under tensor.
+sync_patch, ulysses and displaced patch (warm-up over every step); fused LoRA under tensor.
 """
 
 from __future__ import annotations
@@ -94,6 +94,9 @@ def _cases(devices: int, paths: dict[str, Path]) -> dict[str, tuple[list[str], l
             "lora_sync": (lora(paths, fuse=False), SYNC),
             "lora_fused_sync": (lora(paths, fuse=True), SYNC),
             "lora_fused_tensor": (lora(paths, fuse=True), TENSOR),
+            "lora_ulysses": (lora(paths, fuse=False), ["+strategy=ulysses"]),
+            "lora_displaced_warm": (lora(paths, fuse=False), ["+strategy=distrifusion",
+                                                              "strategy.warmup_steps=2"]),
             "refine_sync": (REFINE, SYNC),
             "refine_tensor": (REFINE, TENSOR),
             "refine_data": ([*REFINE, "prompt=[a red circle,a blue square]"], ["+strategy=data"]),
