@@ -81,7 +81,6 @@ def _cases(devices: int, paths: dict[str, Path]) -> dict[str, tuple[list[str], l
     if devices == 2:
         return {
             "img2img_sync": (img2img(paths), SYNC),
-            "img2img_sync_cfg": (img2img(paths), [*SYNC, "strategy.cfg_split=true"]),
             "img2img_sync_whole_encode": (img2img(paths), [
                 *SYNC, "pipeline.stages.encode_image.parallel=none"]),
             "img2img_tensor": (img2img(paths), TENSOR),
@@ -90,9 +89,7 @@ def _cases(devices: int, paths: dict[str, Path]) -> dict[str, tuple[list[str], l
             "inpaint9_sync": (inpaint(paths, "tiny_inpaint_random"), SYNC),
             "inpaint9_tensor": (inpaint(paths, "tiny_inpaint_random"), TENSOR),
             "blend_sync": (inpaint(paths, "tiny_random"), SYNC),
-            "blend_tensor": (inpaint(paths, "tiny_random"), TENSOR),
             "lora_sync": (lora(paths, fuse=False), SYNC),
-            "lora_fused_sync": (lora(paths, fuse=True), SYNC),
             "lora_fused_tensor": (lora(paths, fuse=True), TENSOR),
             "lora_ulysses": (lora(paths, fuse=False), ["+strategy=ulysses"]),
             "lora_displaced_warm": (lora(paths, fuse=False), ["+strategy=distrifusion",
