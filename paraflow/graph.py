@@ -1,8 +1,11 @@
 """The pipeline as a graph of stages, run in dependency order.
 
 A stage is a class with a `components` tuple (the pipeline parts it uses, moved under its policy)
-and `__call__(env, **inputs) -> dict of outputs`. The config names each stage's inputs and
-outputs; the order is derived from those names, not from the order in the file.
+and `__call__(env, **inputs) -> dict of outputs`, optionally a `check(cfg, spec)` run before
+launch (paraflow/validate.py). The config names each stage's inputs and outputs ("VALUE as
+PARAM" and "OUTPUT as VALUE" rename one); the order is derived from those names, not from the
+order in the file. A stage whose options name a model (options.model) runs on that one of the
+pipeline's models.
 """
 
 from __future__ import annotations
