@@ -122,8 +122,7 @@ def alias_flattened_clip(pipe: Any) -> Any:
     `.to()` are untouched."""
     for name in ("text_encoder", "text_encoder_2"):
         encoder = getattr(pipe, name, None)
-        if isinstance(encoder, CLIPTextModel) and "text_model" not in encoder.__dict__ \
-                and not hasattr(encoder, "text_model"):
+        if isinstance(encoder, CLIPTextModel) and not hasattr(encoder, "text_model"):
             object.__setattr__(encoder, "text_model", encoder)
     return pipe
 

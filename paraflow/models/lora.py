@@ -82,8 +82,8 @@ def _widths(module: nn.Module) -> tuple[int, int] | None:
 
 
 def check_loras(model_cfg: DictConfig) -> None:
-    """Pre-launch: every model.lora entry has a readable file, a number for scale, and its
-    denoiser layers exist in the model at the widths they adapt."""
+    """Pre-launch: every model.lora entry has a readable file, and its denoiser layers exist
+    in the model at the widths they adapt (the schema has checked that scale is a number)."""
     from paraflow.models import denoiser_skeleton
 
     entries = lora_entries(model_cfg)
@@ -97,8 +97,6 @@ def check_loras(model_cfg: DictConfig) -> None:
     skeleton = denoiser_skeleton(model_cfg)
     modules = dict(skeleton.named_modules()) if skeleton is not None else None
     for index, entry in enumerate(entries):
-        if not isinstance(entry.get("scale", 1.0), (int, float)):
-            raise ParaflowError(f"model.lora[{index}].scale={entry.scale}: give a number")
         file = weights_file(entry, index)
         try:
             layers = list(denoiser_layers(file))

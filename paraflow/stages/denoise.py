@@ -70,6 +70,7 @@ class Denoise:
         # Unit noise starts at the scheduler's initial sigma (flow matching: 1).
         sigma = 1.0 if schedule.noised else getattr(scheduler, "init_noise_sigma", 1.0)
         latents = initial_latents.to(env.device).float() * sigma
+        extra = inpaint.extra_input(guidance) if inpaint is not None else None
         show = cfg.pipeline.progress and env.ctx.is_main
         trajectory = []
         steps = len(schedule.timesteps)
@@ -82,8 +83,8 @@ class Denoise:
             model_input = torch.cat([latents] * 2) if guidance else latents
             if hasattr(scheduler, "scale_model_input"):  # flow matching has none
                 model_input = scheduler.scale_model_input(model_input, t)
-            if inpaint is not None:
-                model_input = inpaint.model_input(model_input, guidance)
+            if extra is not None:  # an inpainting UNet's mask and masked-image channels
+                model_input = torch.cat([model_input, extra.to(model_input.dtype)], dim=1)
             noise = denoiser_forward(model, model_input.to(env.dtype), t, cond).float()
             if guidance:
                 uncond, text = noise.chunk(2)

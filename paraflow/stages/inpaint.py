@@ -32,13 +32,14 @@ class InpaintCondition:
     image_latents: torch.Tensor | None = None
     noise: torch.Tensor | None = None
 
-    def model_input(self, latents: torch.Tensor, guidance: bool) -> torch.Tensor:
-        """The denoiser's input for this step (the latents already scaled by the scheduler)."""
+    def extra_input(self, guidance: bool) -> torch.Tensor | None:
+        """The channels an inpainting UNet reads beside the latents (the mask, the masked
+        image's latents), doubled for guidance's two branches; made once per denoise stage,
+        not every step. None for the blend."""
         if self.masked_latents is None:
-            return latents
+            return None
         copies = 2 if guidance else 1
-        extra = [self.mask.repeat(copies, 1, 1, 1), self.masked_latents.repeat(copies, 1, 1, 1)]
-        return torch.cat([latents, *[e.to(latents.dtype) for e in extra]], dim=1)
+        return torch.cat([self.mask, self.masked_latents], dim=1).repeat(copies, 1, 1, 1)
 
     def after_step(self, latents: torch.Tensor, step: int, schedule: Schedule) -> torch.Tensor:
         """The blend: outside the mask, the image noised to the next step's level."""
