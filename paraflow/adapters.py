@@ -16,6 +16,7 @@ import re
 from collections.abc import Callable, Iterator, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -513,18 +514,20 @@ def call_sample(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
     return kwargs["sample" if "sample" in kwargs else "hidden_states"]  # type: ignore[no-any-return]
 
 
-def call_rows(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, int]:
+def call_rows(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, Fraction]:
     """(latent rows of a denoiser call, entries of its sample's dim −2 per latent row). A
     latent image's rows are its dim −2 (1 per row); Flux's packed tokens run row-major over 2×2
-    patches, so a latent row is half a token row. The token rows of a call made by
-    denoiser_forward are known without reading the ids (no device-to-host copy; meta tensors
-    in the planner); another caller's are read from the last image id."""
+    patches, so a latent row is half a token row: token columns / 2 entries, a fraction when the
+    token columns are odd (bands are whole token rows, so every band's count is whole). The
+    token rows of a call made by denoiser_forward are known without reading the ids (no
+    device-to-host copy; meta tensors in the planner); another caller's are read from the last
+    image id."""
     sample = call_sample(args, kwargs)
     ids = kwargs.get("img_ids")
     if ids is None:
-        return int(sample.shape[-2]), 1
+        return int(sample.shape[-2]), Fraction(1)
     token_rows = _FLUX_TOKEN_ROWS.get() or int(ids[-1, 1]) + 1
-    return token_rows * FLUX_PACK, sample.shape[-2] // token_rows // FLUX_PACK
+    return token_rows * FLUX_PACK, Fraction(int(sample.shape[-2]) // token_rows, FLUX_PACK)
 
 
 def split_denoiser_call(args: tuple[Any, ...], kwargs: dict[str, Any], batch_rows: slice,
@@ -539,7 +542,7 @@ def split_denoiser_call(args: tuple[Any, ...], kwargs: dict[str, Any], batch_row
     new_kwargs = {k: _select_batch(v, batch, batch_rows) for k, v in kwargs.items()}
     rows, per_row = call_rows(args, kwargs)
     start, stop, _ = band_rows.indices(rows)
-    band_index = slice(start * per_row, stop * per_row)
+    band_index = slice(int(start * per_row), int(stop * per_row))
     band = sample[batch_rows][..., band_index, :]
     if "img_ids" in kwargs:
         new_kwargs["img_ids"] = kwargs["img_ids"][band_index]

@@ -9,7 +9,11 @@ import torch
 from hydra.utils import get_class
 from omegaconf import DictConfig
 
-from paraflow.adapters import configured_downsampling, configured_latent_downsampling
+from paraflow.adapters import (
+    configured_denoiser,
+    configured_downsampling,
+    configured_latent_downsampling,
+)
 from paraflow.errors import ParaflowError
 from paraflow.graph import execution_order, input_binding
 from paraflow.models.lora import check_loras
@@ -130,6 +134,10 @@ def validate(cfg: DictConfig, output_dir: str | Path | None, devices: bool = Tru
         if model_factor(other) != factor:  # one latent tensor goes from one model to the next
             raise ParaflowError(f"pipeline.models.{name} ({other.name}): its VAE downsamples "
                                 f"by {model_factor(other)}, model {cfg.model.name}'s by {factor}")
+    # A transformer reads whole patches (Flux: packed 2×2): both sides whole token counts.
+    denoiser = configured_denoiser(cfg.model)
+    if denoiser is not None and "patch_size" in denoiser:
+        factor *= configured_downsampling(cfg.model) or 1
     for key in ("height", "width"):
         value = int(cfg[key])
         if value <= 0 or value % factor:

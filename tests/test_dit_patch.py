@@ -32,6 +32,26 @@ SYNC, ULYSSES, TENSOR = ["+strategy=sync_patch"], ["+strategy=ulysses"], ["+stra
 CFG = ["strategy.cfg_split=true"]
 
 
+# Odd token grids (diffusers' sizes that are not multiples of two token rows or columns): the
+# DiTs at 48×80 px, 3 × 5 tokens (Flux: packed tokens); the UNet at 96², 3 × 3 rows and columns
+# at its deepest level. Bands of 4 + 2 latent rows on 2 ranks, 2 + 2 + 2 on 3 (the UNet: 8 + 4,
+# 4 + 4 + 4).
+ODD = {"unet": ["model=tiny_random", "height=96", "width=96", "steps=2"],
+       **{family: [f"model={model}", "height=48", "width=80", "steps=2"]
+          for family, model in FAMILIES.items()}}
+DISPLACED_WARM = ["+strategy=distrifusion", "strategy.warmup_steps=2"]
+
+
+def _odd_cases(devices: int) -> dict[str, tuple[list[str], list[str]]]:
+    """Every family at an odd token grid under every band strategy, against one device."""
+    if devices == 3:
+        return {f"{family}_odd_sync": (ref, SYNC) for family, ref in ODD.items()}
+    strategies = {"sync": SYNC, "ulysses": ULYSSES, "displaced_warm": DISPLACED_WARM,
+                  "naive": ["+strategy=naive_patch"]}
+    return {f"{family}_odd_{name}": (ref, extra) for family, ref in ODD.items()
+            for name, extra in strategies.items()}
+
+
 def _quality(model: str) -> list[str]:
     """20 steps, where the reuse of stale activations has time to matter (or not)."""
     return [f"model={model}", "height=64", "width=64", "steps=20"]
@@ -68,6 +88,7 @@ def _cases(devices: int) -> dict[str, tuple[list[str], list[str]]]:
             "sd3_tensor_cfg": (SD3, [*TENSOR, *CFG]),
             "flux_tensor": (FLUX, TENSOR),
         }
+        cases.update(_odd_cases(2))
         for family, model in FAMILIES.items():
             cases[f"{family}_quality_displaced"] = (_quality(model), ["+strategy=distrifusion"])
             cases[f"{family}_quality_naive"] = (_quality(model), ["+strategy=naive_patch"])
@@ -84,6 +105,7 @@ def _cases(devices: int) -> dict[str, tuple[list[str], list[str]]]:
     uneven = ["height=80", "width=64", "steps=2"]  # bands of 4, 4, 2 latent rows
     pixart = ["model=tiny_pixart_random", *uneven]
     return {
+        **_odd_cases(3),
         "sync_uneven": (pixart, [*SYNC, "pipeline.stages.decode.parallel=patch"]),
         "sync_cfg_uneven": (pixart, [*SYNC, *CFG]),
         "displaced_warm_uneven": (pixart, ["+strategy=distrifusion", "strategy.warmup_steps=2"]),
@@ -128,7 +150,8 @@ def test_four_ranks_equal_one_device(four_ranks: dict[str, Any], name: str) -> N
     check_exact(*four_ranks[name])
 
 
-@pytest.mark.parametrize("name", ["naive", "sd3_naive", "flux_naive"])
+@pytest.mark.parametrize("name", ["naive", "sd3_naive", "flux_naive",
+                                  *(n for n in _odd_cases(2) if n.endswith("_naive"))])
 def test_naive_is_not_exact(two_ranks: dict[str, Any], name: str) -> None:
     """Bands that attend only to themselves change the image: the exact tests can fail."""
     run, ref = two_ranks[name]

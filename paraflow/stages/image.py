@@ -129,8 +129,12 @@ def encode_sample(env: StageEnv, pixels: torch.Tensor,
     if in_bands(env):  # the same posterior, each rank encoding a band of rows
         posterior = DiagonalGaussianDistribution(env.strategy.encode_in_bands(vae, pixels,
                                                                               env.ctx))
-    else:
-        posterior = vae.encode(pixels).latent_dist
+    else:  # one image at a time, as diffusers encodes with a generator per image
+        parameters = torch.cat([vae.encode(pixels[i:i + 1]).latent_dist.parameters
+                                for i in range(pixels.shape[0])])
+        posterior = DiagonalGaussianDistribution(parameters)
     unit = draw(generators, tuple(posterior.mean.shape[1:]), env.device)
     sample = posterior.mean + posterior.std * unit.to(posterior.mean.dtype)
-    return vae_output_to_latents(vae, sample).float()
+    # The encoder's output can be channels-last; diffusers' pipelines make it contiguous on the
+    # way (a `repeat`), and the denoiser's kernels (so its last bits) depend on the layout.
+    return vae_output_to_latents(vae, sample).float().contiguous()

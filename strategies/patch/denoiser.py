@@ -10,6 +10,7 @@ ranks (padded to the tallest band). Implemented with forward hooks on the unchan
 from __future__ import annotations
 
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Any
 
 import torch
@@ -56,7 +57,7 @@ class PatchDenoiserHooks:
     def __init__(self, state: PatchState, layout: Layout) -> None:
         self.state, self.layout = state, layout
         self._full: torch.Tensor | None = None
-        self._per_row = 1  # entries of the sample's dim −2 per latent row (Flux: tokens)
+        self._per_row = Fraction(1)  # entries of the sample's dim −2 per latent row (Flux: tokens)
 
     def install(self, unet: nn.Module) -> list[Any]:
         return [unet.register_forward_pre_hook(self.before, with_kwargs=True),
@@ -91,9 +92,9 @@ class PatchDenoiserHooks:
             raise RuntimeError("patch UNet output hook ran without its input hook")
         local = denoiser_output_sample(output)
         per_row = self._per_row  # bands lie along dim −2: latent rows, or Flux's tokens
-        rows = full.shape[-2] // per_row
+        rows = int(full.shape[-2] / per_row)
         plans = [layout.plan(rank, rows) for rank in range(layout.world.world_size)]
-        tallest = max(max(p.sizes) for p in plans) * per_row
+        tallest = int(max(max(p.sizes) for p in plans) * per_row)
         piece = F.pad(local, (0, 0, 0, tallest - local.shape[-2]))
         pieces = layout.world.all_gather(piece)
         out = local.new_empty((full.shape[0], *local.shape[1:-2], full.shape[-2],
@@ -101,7 +102,7 @@ class PatchDenoiserHooks:
         half = local.shape[0]
         for rank, (gathered, plan) in enumerate(zip(pieces, plans)):
             part = layout.position(rank)[0]
-            start, stop = plan.start * per_row, plan.stop * per_row
+            start, stop = int(plan.start * per_row), int(plan.stop * per_row)
             out[part * half:(part + 1) * half, ..., start:stop, :] = \
                 gathered[..., : stop - start, :]
         self._full = None
