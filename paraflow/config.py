@@ -15,8 +15,6 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
-from paraflow.serve.config import ServeConfig
-
 
 class Precision(str, Enum):
     fp32 = "fp32"
@@ -197,6 +195,11 @@ class RunConfig:
     mask: Any = None  # white: repaint, black: keep
     strength: float | None = None  # how far the image is noised, (0, 1]; null: the pipeline's
     denoising_end: float | None = None  # sdxl_refine: where the base hands over, (0, 1)
+    # Generate at the model's nearest trained aspect-ratio bin, then resize and crop to height ×
+    # width, as diffusers' PixArt pipelines do (use_resolution_binning); a no-op for models
+    # without bins. output_size: set when it applies (the asked size; height/width: the bin).
+    resolution_binning: bool = True
+    output_size: list[int] | None = None
     seed: int = 0
     images_per_prompt: int = 1
     save_latents: bool = False
@@ -204,7 +207,7 @@ class RunConfig:
     output_dir: str | None = None  # None: Hydra's run directory
     plan_only: bool = False  # print the memory/communication plan (paraflow/plan), run nothing
     plan_memory_gb: float | None = None  # the plan's per-device budget (None: CUDA's, if any)
-    serve: Any = None  # the image service (conf/serve, paraflow/serve/config.py)
+    serve: Any = None  # the image service (conf/serve); its schema is the service's own
 
 
 # Model config keys that are not the builder's arguments (applied after it builds the model).
@@ -245,6 +248,6 @@ def register_configs() -> None:
     store.store(group="schemas/scheduler", name="scheduler", node=SchedulerConfig)
     store.store(group="schemas/pipeline", name="pipeline", node=PipelineConfig)
     store.store(group="schemas/launcher", name="launcher", node=LauncherConfig)
-    store.store(group="schemas/serve", name="serve", node=ServeConfig)
-    for plugin in entry_points(group=CONFIG_GROUP):  # strategies' schemas (paraflow/plugin.py)
+    # The strategies' schemas (paraflow/plugin.py) and the service's: core imports neither.
+    for plugin in entry_points(group=CONFIG_GROUP):
         plugin.load()(store)

@@ -13,14 +13,16 @@ if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class ParallelContext:
     rank: int
     world_size: int
     local_rank: int
     device: torch.device
     comm: Communicator
-    mesh: DeviceMesh | None = None  # the run's named dimensions (paraflow/mesh.py); None: 1 rank
+    # The run's named dimensions (paraflow/mesh.py); None: 1 rank, or not built yet (the
+    # strategy's setup builds it once through mesh_of).
+    mesh: DeviceMesh | None = None
 
     @property
     def is_main(self) -> bool:

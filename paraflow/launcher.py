@@ -50,7 +50,6 @@ from paraflow.errors import (
     where_now,
 )
 from paraflow.failures import exit_codes_of, explain_spawned_failure, this_rank_failed
-from paraflow.mesh import build_mesh, layout_of
 from paraflow.validate import resolve_accelerator
 
 T = TypeVar("T")
@@ -82,14 +81,13 @@ def link_model(cfg: DictConfig) -> LinkModel | None:
 
 def rank_context(cfg: DictConfig, rank: int, world_size: int, local_rank: int,
                  device: torch.device) -> ParallelContext:
-    """This rank's context for the run `cfg`: a communicator of its own (its own byte count)
-    and the mesh of the strategy's layout. Collective: every rank calls it. Several runs in one
+    """This rank's context for the run `cfg`: a communicator of its own (its own byte count);
+    the strategy's mesh is built by its setup (paraflow.mesh.mesh_of). Several runs in one
     launch (tests, benchmarks) call it once per run."""
     group = dist.group.WORLD if world_size > 1 else None
     timeout = timedelta(seconds=float(cfg.launcher.timeout_s))
     comm = Communicator(group, world_size, rank, link_model(cfg), timeout=timeout)
-    mesh = build_mesh(layout_of(cfg), device.type, timeout) if world_size > 1 else None
-    return ParallelContext(rank, world_size, local_rank, device, comm, mesh)
+    return ParallelContext(rank, world_size, local_rank, device, comm)
 
 
 def _from_rank_0(obj: Any) -> Any:

@@ -18,10 +18,9 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig
 
-from paraflow.adapters import configured_denoiser, guidance_distilled
 from paraflow.comm import Communicator
 from paraflow.errors import ParaflowError
-from paraflow.registry import build_strategy
+from paraflow.models.configured import configured_denoiser, configured_family
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
@@ -75,8 +74,8 @@ def check_cfg_split(cfg: DictConfig) -> None:
         raise ParaflowError(f"strategy.cfg_split=true splits the two guidance branches but "
                             f"guidance_scale={cfg.guidance_scale} turns guidance off; use "
                             "guidance_scale > 1 or cfg_split=false")
-    denoiser = configured_denoiser(cfg.model)
-    if denoiser is not None and guidance_distilled(denoiser):
+    family = configured_family(cfg.model)
+    if family is not None and family.guidance_distilled(configured_denoiser(cfg.model)):
         raise ParaflowError(
             f"strategy.cfg_split=true: model {cfg.model.get('name', cfg.model.get('path'))} is "
             "guidance-distilled (its guidance scale is an input of the denoiser), so there is "
@@ -91,11 +90,6 @@ def layout_label(name: str, cfg_split: bool, data_degree: int) -> str:
     if data_degree > 1:
         parts.append(f"data_degree={data_degree}")
     return " ".join(parts)
-
-
-def layout_of(cfg: DictConfig) -> Layout | None:
-    """The mesh layout the run's strategy asks for (None: no mesh, e.g. single device)."""
-    return build_strategy(cfg.get("strategy")).mesh_layout(world_of(cfg))
 
 
 def dim_groups(layout: Mapping[str, int], dim: str) -> list[list[int]]:
@@ -129,9 +123,12 @@ def build_mesh(layout: Layout | None, device_type: str,
 
 
 def mesh_of(ctx: ParallelContext, layout: Layout | None) -> DeviceMesh | None:
-    """The context's mesh, which must be `layout`'s; None with one rank."""
+    """The context's mesh, which must be `layout`'s; None with one rank. The first call builds
+    it (collective: every rank's strategy asks for it in its setup, at the same point)."""
     if ctx.world_size == 1 or layout is None:
         return None
+    if ctx.mesh is None:
+        ctx.mesh = build_mesh(layout, ctx.device.type, ctx.comm.timeout)
     mesh = ctx.mesh
     found = None if mesh is None else dict(zip(mesh.mesh_dim_names or (), mesh.shape))
     if found != layout:

@@ -6,7 +6,8 @@ config schema and default config are put in Hydra's ConfigStore by a function in
 node=SchemaDataclass)`), so `+strategy=NAME` composes, is checked against the schema and builds
 the class, for a plugin from another package exactly as for the
 built-in ones. Core calls strategies only through `Strategy`; `StrategyBase` gives every
-optional hook its do-nothing default.
+optional hook its do-nothing default; the optional parts (the VAE in bands, planning, parity)
+are protocols of their own, asked for through banded_vae / planned / parity_reference.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ if TYPE_CHECKING:
 
 @runtime_checkable
 class Strategy(Protocol):
-    """How a run is laid out over the ranks.
+    """What a run needs of a strategy: how it is laid over the ranks.
 
     validate: checks of the config before any rank starts (raise ParaflowError).
     mesh_layout: the named mesh dimensions for a world size, or None; the launcher builds
@@ -35,25 +36,12 @@ class Strategy(Protocol):
     assign_images: which global image indices this rank pushes through the stage graph.
     on_step: called by the denoising loop before each step (displaced patch needs the counter).
     on_denoise_end: called once the denoising loop is done, before decode.
-    image_comm: the ranks that hold the same image (decode in bands runs over them).
-    decode_in_bands: the VAE decode with the image's rows split over `image_comm`; only called
-        when `replicated_latents` (every rank of `image_comm` holds the same latents).
-    encode_in_bands: the VAE encode likewise (img2img, inpaint): the posterior's parameters,
-        the whole latent on every rank.
     result_comm: the ranks this rank's images are gathered over, by index (None: it takes part
         in no gather); the default `gather` runs over it and the planner sizes it from it.
     gather: collect every rank's outputs; the result matters on rank 0 only, which writes.
-    exact_twin: overrides of the exact strategy on the same layout (parity's drift reference),
-        or None when there is none.
-    band_rows: latent rows of each band of one image (parity's seam score), or None.
 
-    For the planner (paraflow/plan), which runs setup, parallelize and the steps of every rank on
-    meta tensors over collectives that move nothing:
-    describe: this rank's place in the run, in a few words (after setup).
-    alike_key: ranks with equal keys (and equal image counts) use the same memory and send the
-        same bytes, so one of them is replayed for all; None: replay this rank on its own.
-    distinct_steps: of `steps` denoising steps, those whose work differs; each step not listed
-        costs what the last listed step before it costs (the first listed, before that).
+    Optional parts, each its own protocol below, with defaults where a strategy lacks them:
+    BandedVAE (the VAE in bands), Planned (the planner), ParityReference (the parity tool).
     """
 
     name: str
@@ -76,6 +64,18 @@ class Strategy(Protocol):
 
     def on_denoise_end(self, ctx: ParallelContext) -> None: ...
 
+    def result_comm(self, ctx: ParallelContext) -> Communicator | None: ...
+
+    def gather(self, sink: OutputSink, ctx: ParallelContext) -> OutputSink: ...
+
+
+@runtime_checkable
+class BandedVAE(Protocol):
+    """The VAE with the image's rows split over `image_comm` (the ranks holding the same image);
+    called only when the strategy has `replicated_latents` (every rank of image_comm holds the
+    same latents). decode_in_bands: latents → pixels; encode_in_bands: pixels → the posterior's
+    parameters, the whole latent on every rank (img2img, inpaint)."""
+
     def image_comm(self, ctx: ParallelContext) -> Communicator: ...
 
     def decode_in_bands(self, vae: Any, latents: torch.Tensor,
@@ -84,13 +84,18 @@ class Strategy(Protocol):
     def encode_in_bands(self, vae: Any, pixels: torch.Tensor,
                         ctx: ParallelContext) -> torch.Tensor: ...
 
-    def result_comm(self, ctx: ParallelContext) -> Communicator | None: ...
 
-    def gather(self, sink: OutputSink, ctx: ParallelContext) -> OutputSink: ...
+@runtime_checkable
+class Planned(Protocol):
+    """For the planner (paraflow/plan), which runs setup, parallelize and the steps of every
+    rank on meta tensors over collectives that move nothing.
 
-    def exact_twin(self, cfg: DictConfig) -> list[str] | None: ...
-
-    def band_rows(self, cfg: DictConfig) -> list[int] | None: ...
+    describe: this rank's place in the run, in a few words (after setup).
+    alike_key: ranks with equal keys (and equal image counts) use the same memory and send the
+        same bytes, so one of them is replayed for all; None: replay this rank on its own.
+    distinct_steps: of `steps` denoising steps, those whose work differs; each step not listed
+        costs what the last listed step before it costs (the first listed, before that).
+    """
 
     def describe(self, cfg: DictConfig, ctx: ParallelContext) -> str: ...
 
@@ -99,10 +104,67 @@ class Strategy(Protocol):
     def distinct_steps(self, steps: int) -> list[int]: ...
 
 
-class StrategyBase:
-    """Defaults for every hook but assign_images: no checks, no mesh, no set-up, nothing
-    swapped, no per-step work, one image per rank group of the whole world, the images gathered
-    over the whole world by index, every rank and every step planned on its own."""
+@runtime_checkable
+class ParityReference(Protocol):
+    """For the parity tool: exact_twin — overrides of the exact strategy on the same layout
+    (the drift reference), or None; band_rows — latent rows of each band of one image (the
+    seam score), or None."""
+
+    def exact_twin(self, cfg: DictConfig) -> list[str] | None: ...
+
+    def band_rows(self, cfg: DictConfig) -> list[int] | None: ...
+
+
+def banded_vae(strategy: Strategy) -> BandedVAE | None:
+    """The strategy's VAE in bands, if it has one."""
+    return strategy if isinstance(strategy, BandedVAE) else None
+
+
+def planned(strategy: Strategy) -> Planned:
+    """The strategy's planning part, or StrategyBase's defaults (every rank and step alike)."""
+    if isinstance(strategy, Planned):
+        return strategy
+    defaults = PlannedDefaults()
+    defaults.name = strategy.name
+    return defaults
+
+
+def parity_reference(strategy: Strategy) -> ParityReference:
+    """The strategy's parity part, or none (no twin, no bands)."""
+    if isinstance(strategy, ParityReference):
+        return strategy
+    return NoParity()
+
+
+class PlannedDefaults:
+    """Planned's defaults: every rank and every step planned on its own."""
+
+    name: str = "strategy"
+
+    def describe(self, cfg: DictConfig, ctx: ParallelContext) -> str:
+        return f"{self.name} rank {ctx.rank}/{ctx.world_size}"
+
+    def alike_key(self, cfg: DictConfig, ctx: ParallelContext) -> Hashable | None:
+        return None
+
+    def distinct_steps(self, steps: int) -> list[int]:
+        return [0]
+
+
+class NoParity:
+    """ParityReference's defaults: no exact twin, no bands."""
+
+    def exact_twin(self, cfg: DictConfig) -> list[str] | None:
+        return None
+
+    def band_rows(self, cfg: DictConfig) -> list[int] | None:
+        return None
+
+
+class StrategyBase(PlannedDefaults, NoParity):
+    """Defaults for every member of Strategy and its optional parts but assign_images: no
+    checks, no mesh, no set-up, nothing swapped, no per-step work, the images gathered over the
+    whole world by index, every rank and every step planned on its own, no VAE in bands."""
 
     name = "base"
     replicated_latents = False  # set when every rank holds the whole latent of its images
@@ -130,23 +192,6 @@ class StrategyBase:
     def on_denoise_end(self, ctx: ParallelContext) -> None:
         return None
 
-    def image_comm(self, ctx: ParallelContext) -> Communicator:
-        return ctx.comm
-
-    def decode_in_bands(self, vae: Any, latents: torch.Tensor,
-                        ctx: ParallelContext) -> torch.Tensor:
-        raise NotImplementedError(f"strategy {self.name} does not decode in bands")
-
-    def encode_in_bands(self, vae: Any, pixels: torch.Tensor,
-                        ctx: ParallelContext) -> torch.Tensor:
-        raise NotImplementedError(f"strategy {self.name} does not encode in bands")
-
-    def exact_twin(self, cfg: DictConfig) -> list[str] | None:
-        return None
-
-    def band_rows(self, cfg: DictConfig) -> list[int] | None:
-        return None
-
     def result_comm(self, ctx: ParallelContext) -> Communicator | None:
         return ctx.comm
 
@@ -155,12 +200,3 @@ class StrategyBase:
 
         comm = self.result_comm(ctx)
         return sink if comm is None else gather_by_index(sink, comm, ctx.device)
-
-    def describe(self, cfg: DictConfig, ctx: ParallelContext) -> str:
-        return f"{self.name} rank {ctx.rank}/{ctx.world_size}"
-
-    def alike_key(self, cfg: DictConfig, ctx: ParallelContext) -> Hashable | None:
-        return None
-
-    def distinct_steps(self, steps: int) -> list[int]:
-        return [0]

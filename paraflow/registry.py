@@ -29,7 +29,7 @@ def build_strategy(strategy_cfg: DictConfig | None) -> Strategy:
     options: dict[str, Any] = {}
     if strategy_cfg is not None:
         options = {k: v for k, v in plain_dict(strategy_cfg).items()
-                   if k not in ("_target_", "name")}
+                   if k != "name"}
     strategy = found[name].load()(**options)
     if not isinstance(strategy, Strategy):
         members = {*Strategy.__annotations__, *(m for m in vars(Strategy) if m[0] != "_")}

@@ -1,5 +1,5 @@
-"""What every rank does: load the model, let the strategy lay it out, push this rank's images
-through the stage graph in batches, gather, and (rank 0) write the outputs."""
+"""A run on every rank: its session (paraflow/session.py) makes the run's images; rank 0 writes
+them with run.json, the record of what ran, where, how long and at what cost."""
 
 from __future__ import annotations
 
@@ -13,15 +13,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from paraflow import memory
-from paraflow.adapters import latent_channels, latent_downsampling, unknown_words
 from paraflow.context import ParallelContext
-from paraflow.graph import StageEnv, StageGraph
-from paraflow.models import load_pipeline
-from paraflow.outputs import OutputSink, write_outputs
-from paraflow.registry import build_strategy
+from paraflow.models.tokenizer import unknown_words
+from paraflow.outputs import write_outputs
+from paraflow.session import Session
+from paraflow.sizes import with_binned_size
 from paraflow.validate import prompts_of
-
-FAULT_ENV = "PARAFLOW_FAIL_RANK"  # tests: make this rank raise mid-run
 
 
 def expanded_prompts(cfg: DictConfig) -> list[str]:
@@ -47,13 +44,6 @@ def versions() -> dict[str, str]:
     return {"python": platform.python_version(), **{n: version(n) for n in names}}
 
 
-def _maybe_fail(ctx: ParallelContext) -> None:
-    import os
-
-    if os.environ.get(FAULT_ENV) == str(ctx.rank):
-        raise RuntimeError(f"injected failure on rank {ctx.rank} ({FAULT_ENV})")
-
-
 def warn_unknown_words(tokenizer: Any, texts: list[str]) -> None:
     """A small model knows few words: say which ones of the prompts it will not understand (the
     run still goes on). Only word-level tokenizers have unknown words; CLIP's BPE never does."""
@@ -65,38 +55,20 @@ def warn_unknown_words(tokenizer: Any, texts: list[str]) -> None:
 
 
 def run_on_rank(ctx: ParallelContext, cfg: DictConfig) -> dict[str, Any] | None:
-    pipe = load_pipeline(cfg.model, cfg.scheduler)
-    strategy = build_strategy(cfg.strategy)
-    strategy.setup(ctx)
-    strategy.parallelize(pipe, ctx)
-    models = {name: load_pipeline(model_cfg, cfg.scheduler)
-              for name, model_cfg in (cfg.pipeline.get("models") or {}).items()}
-    for other in models.values():
-        strategy.parallelize(other, ctx)
+    """The run on this rank: its session, one generation of every prompt, the record (rank 0
+    writes the outputs and returns it)."""
+    session = Session(ctx, cfg)
+    strategy, pipe = session.strategy, session.pipe
     prompts = expanded_prompts(cfg)
     if ctx.is_main:
         warn_unknown_words(pipe.tokenizer, [*prompts, cfg.negative_prompt or ""])
-    mine = strategy.assign_images(len(prompts), ctx)
-    factor = latent_downsampling(pipe)
-    latent_shape = (latent_channels(pipe), cfg.height // factor, cfg.width // factor)
-    kept_shape = (int(cfg.steps), *latent_shape) if cfg.save_trajectory else latent_shape
-    sink = OutputSink((cfg.height, cfg.width, 3), kept_shape,
-                      bool(cfg.save_latents or cfg.save_trajectory))
-    env = StageEnv(cfg=cfg, ctx=ctx, pipe=pipe, strategy=strategy, sink=sink, models=models)
-    graph = StageGraph.from_config(cfg.pipeline.stages)
-    batch = int(cfg.pipeline.max_batch)
-
     ctx.comm.barrier()  # time the generation only, from a common start
     held = memory.start_window(ctx.device)
     start = time.perf_counter()
-    with torch.inference_mode():
-        for first in range(0, len(mine), batch):
-            ids = mine[first:first + batch]
-            graph.run(env, {"prompts": [prompts[i] for i in ids], "image_ids": ids})
-            _maybe_fail(ctx)
-        gathered = strategy.gather(sink, ctx)
+    done = session.generate(cfg, prompts, bool(cfg.save_latents or cfg.save_trajectory))
     latency = time.perf_counter() - start
     working = memory.window_peak_bytes(ctx.device, held)
+    gathered, env, mine = done.sink, done.env, done.image_ids
 
     comm_bytes = ctx.comm.total_bytes
     by_step = ctx.comm.bytes_by_step
@@ -110,6 +82,7 @@ def run_on_rank(ctx: ParallelContext, cfg: DictConfig) -> dict[str, Any] | None:
          "param_bytes": parameter_bytes(pipe)})
     if not ctx.is_main:
         return None
+    binned = with_binned_size(cfg)
     record = {
         "strategy": strategy.name,
         "world_size": ctx.world_size,
@@ -117,6 +90,8 @@ def run_on_rank(ctx: ParallelContext, cfg: DictConfig) -> dict[str, Any] | None:
         "height": cfg.height,
         "width": cfg.width,
         "steps": cfg.steps,
+        # resolution binning's size (paraflow/sizes.py): the images are resized from it
+        "generated_size": [int(binned.height), int(binned.width)],
         "n_images": len(prompts),
         "latency_s": max(s["latency_s"] for s in stats),
         "images_per_s": len(prompts) / max(s["latency_s"] for s in stats),

@@ -9,16 +9,19 @@ import torch
 from hydra.utils import get_class
 from omegaconf import DictConfig
 
-from paraflow.adapters import (
-    configured_denoiser,
-    configured_downsampling,
-    configured_latent_downsampling,
-)
 from paraflow.errors import ParaflowError
 from paraflow.graph import execution_order, input_binding
+from paraflow.models.configured import (
+    configured_denoiser,
+    configured_downsampling,
+    configured_family,
+    configured_latent_downsampling,
+)
 from paraflow.models.lora import check_loras
 from paraflow.outputs import check_output_dir
+from paraflow.plugin import Strategy
 from paraflow.registry import build_strategy
+from paraflow.sizes import with_binned_size
 
 
 def prompts_of(cfg: DictConfig) -> list[str]:
@@ -117,9 +120,12 @@ def resolve_accelerator(cfg: DictConfig) -> str:
     return wanted
 
 
-def validate(cfg: DictConfig, output_dir: str | Path | None, devices: bool = True) -> None:
-    """Every check a run makes before launching. `devices=False` (planning, paraflow/plan):
-    skip the checks against this machine's accelerators, since the plan is for another."""
+def validate(cfg: DictConfig, output_dir: str | Path | None, devices: bool = True) -> Strategy:
+    """Every check a run makes before launching; the strategy it built to check (a caller on a
+    rank keeps it rather than building another). `devices=False` (planning, paraflow/plan):
+    skip the checks against this machine's accelerators, since the plan is for another. The
+    size checked is the size generated at (resolution binning, paraflow/sizes.py)."""
+    cfg = with_binned_size(cfg)
     prompts_of(cfg)
     for key in ("steps", "images_per_prompt"):
         if int(cfg[key]) < 1:
@@ -134,10 +140,9 @@ def validate(cfg: DictConfig, output_dir: str | Path | None, devices: bool = Tru
         if model_factor(other) != factor:  # one latent tensor goes from one model to the next
             raise ParaflowError(f"pipeline.models.{name} ({other.name}): its VAE downsamples "
                                 f"by {model_factor(other)}, model {cfg.model.name}'s by {factor}")
-    # A transformer reads whole patches (Flux: packed 2×2): both sides whole token counts.
-    denoiser = configured_denoiser(cfg.model)
-    if denoiser is not None and "patch_size" in denoiser:
-        factor *= configured_downsampling(cfg.model) or 1
+    family = configured_family(cfg.model)  # e.g. a transformer reads whole tokens
+    if family is not None:
+        factor *= family.size_unit(configured_denoiser(cfg.model))
     for key in ("height", "width"):
         value = int(cfg[key])
         if value <= 0 or value % factor:
@@ -181,3 +186,4 @@ def validate(cfg: DictConfig, output_dir: str | Path | None, devices: bool = Tru
                                 "distrifusion, naive_patch) or parallel=none")
     if output_dir is not None:
         check_output_dir(output_dir)
+    return strategy

@@ -6,18 +6,24 @@ from typing import Any
 
 import torch
 
+from paraflow.comm import Communicator
 from paraflow.context import ParallelContext
 from paraflow.plugin import StrategyBase
 
 
 class ReplicatedModel(StrategyBase):
     """Every rank holds the whole model unchanged; images gathered to every rank by index
-    (StrategyBase.gather over the whole world)."""
+    (StrategyBase.gather over the whole world); the VAE in bands over image_comm (BandedVAE)
+    where the ranks hold the same latents."""
 
     name = "replicated"
 
     def assign_images(self, n_images: int, ctx: ParallelContext) -> list[int]:
         return list(range(n_images))
+
+    def image_comm(self, ctx: ParallelContext) -> Communicator:
+        """The ranks that hold the same image (BandedVAE): all of them, by default."""
+        return ctx.comm
 
     def decode_in_bands(self, vae: Any, latents: torch.Tensor,
                         ctx: ParallelContext) -> torch.Tensor:

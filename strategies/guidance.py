@@ -2,7 +2,8 @@
 batch [unconditional; conditional] is halved over the ranks of the mesh dimension `cfg`.
 
 Split: the batch of every denoiser call. Communicated: one all-gather of the output halves per
-call, so every rank holds the whole noise prediction. Forward hooks on the unchanged module.
+call, so every rank holds the whole noise prediction. Forward hooks on the denoiser's call
+(paraflow.families.DenoiserCall), whatever the family.
 """
 
 from __future__ import annotations
@@ -12,13 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from paraflow.adapters import (
-    call_sample,
-    denoiser_output_sample,
-    split_denoiser_call,
-    with_output_sample,
-)
 from paraflow.comm import Communicator
+from paraflow.families.call import call_latents, split_call
 
 
 class GuidanceSplit:
@@ -31,15 +27,13 @@ class GuidanceSplit:
 
     def before(self, module: nn.Module, args: tuple[Any, ...],
                kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        sample = call_sample(args, kwargs)
+        sample = call_latents(args, kwargs)
         parts = self.comm.world_size
         if sample.shape[0] % parts:
             raise RuntimeError(f"guidance split needs an even batch, got {sample.shape[0]}")
         size = sample.shape[0] // parts
         mine = slice(self.comm.rank * size, (self.comm.rank + 1) * size)
-        new_args, new_kwargs, _ = split_denoiser_call(args, kwargs, mine, slice(None))
-        return new_args, new_kwargs
+        return split_call(args, kwargs, mine)
 
-    def after(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
-        halves = self.comm.all_gather(denoiser_output_sample(output))
-        return with_output_sample(output, torch.cat(halves))
+    def after(self, module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> Any:
+        return torch.cat(self.comm.all_gather(output))

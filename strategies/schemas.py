@@ -23,8 +23,7 @@ class GroupNormMode(str, Enum):
 
 @dataclass
 class StrategyConfig:
-    _target_: str = MISSING
-    name: str = MISSING
+    name: str = MISSING  # the entry point (group paraflow.strategies) that builds it
 
 
 class TensorStyle(str, Enum):
@@ -51,12 +50,12 @@ class MeshStrategyConfig(StrategyConfig):
 
 @dataclass
 class TensorStrategyConfig(MeshStrategyConfig):
-    _target_: str = "paraflow.strategies.tensor.TensorStrategy"
     name: str = "tensor"
     component: str | None = None  # the pipeline module to split; None: the denoiser
     plan: dict[str, TensorStyle] = field(default_factory=dict)  # module-name glob -> style
-    # family (unet, pixart, sd3, flux) -> plan, used when `plan` is empty (styles are checked
-    # when the plan is resolved: OmegaConf types no enum values inside nested dicts)
+    # family name -> plan replacing the family's own (Family.tensor_plan) when `plan` is empty
+    # (styles are checked when the plan is resolved: OmegaConf types no enum values inside
+    # nested dicts)
     plans: dict[str, Any] = field(default_factory=dict)
 
 

@@ -20,9 +20,10 @@ Bytes per rank per denoiser call (ring all-reduce, as the communicator counts th
 2·(N−1)/N · Σ over row-wise and input-split layers of the bytes of their output.
 
 The plan — module-name glob → style — is data: `strategy.plan`, or when that is empty the plan of
-the model's family in `strategy.plans` (conf/strategy/tensor.yaml: unet, pixart, sd3, flux); a new
-architecture needs a new plan, not new code. A family plan may name layers some of its variants
-lack (SD3.5's second attention); a pattern of `strategy.plan` that matches nothing is an error.
+the model's family in `strategy.plans`, else the family's own `tensor_plan`
+(paraflow/families/); a new architecture needs a new plan, not new code. A family plan may name
+layers some of its variants lack (SD3.5's second attention); a pattern of `strategy.plan` that
+matches nothing is an error.
 Linears are split by DTensor (`parallelize_module`, ColwiseParallel / RowwiseParallel with the
 output left as a partial sum); convolutions and GroupNorm by hand (tensor_layers.py). Every
 reduction goes through the communicator, synchronously, so no asynchronous collective tensor
@@ -41,10 +42,11 @@ from typing import Any, Literal, cast, get_args
 from omegaconf import DictConfig
 from torch import nn
 
-from paraflow.adapters import attention_heads, denoiser, denoiser_family, set_attention_heads
 from paraflow.comm import Communicator
 from paraflow.context import ParallelContext
 from paraflow.errors import ParaflowError
+from paraflow.families import denoiser, denoiser_call, family_of
+from paraflow.families.base import attention_heads, set_attention_heads
 from paraflow.mesh import (
     Layout,
     check_cfg_split,
@@ -225,21 +227,20 @@ class TensorStrategy(StrategyBase):
         self.all_gather: Gather | None = None
         self.guidance: GuidanceSplit | None = None
         self.replicas = DataReplicas()
-        if not self.plan and not self.plans:
-            raise ParaflowError("strategy.plan is empty: give module-name globs and styles "
-                                f"({', '.join(STYLES)}), as conf/strategy/tensor.yaml does")
 
     def splits_of(self, model: nn.Module) -> list[PlannedSplit]:
-        """What the plan splits in `model`: strategy.plan, or its family's plan."""
+        """What the plan splits in `model`: strategy.plan, else strategy.plans.FAMILY, else
+        the family's own default plan."""
         if self.plan:
             return resolve_plan(model, self.plan)
-        family = denoiser_family(getattr(model, "config", {}))
-        if family not in self.plans:
+        family = family_of(model)
+        plan = self.plans.get(family.name) or family.tensor_plan
+        if not plan:
             raise ParaflowError(
-                f"strategy=tensor has no plan for this model's family ({family}); give "
-                f"strategy.plan (module-name glob -> style) or strategy.plans.{family}; "
-                f"families with a plan: {', '.join(self.plans)}")
-        return resolve_plan(model, self.plans[family], strict=False)
+                f"strategy=tensor has no plan for this model's family ({family.name}); give "
+                f"strategy.plan (module-name glob -> style: {', '.join(STYLES)}) or "
+                f"strategy.plans.{family.name}")
+        return resolve_plan(model, plan, strict=False)
 
     @property
     def mode(self) -> str:
@@ -255,8 +256,8 @@ class TensorStrategy(StrategyBase):
     def validate(self, cfg: DictConfig) -> None:
         """Before any rank starts: the mesh, then the plan against the denoiser built on the
         meta device."""
-        from paraflow.models import denoiser_skeleton
         from paraflow.models.lora import lora_entries
+        from paraflow.models.skeleton import denoiser_skeleton
 
         if self.cfg_split:
             check_cfg_split(cfg)
@@ -291,8 +292,8 @@ class TensorStrategy(StrategyBase):
             raise ParaflowError(f"strategy.component={self.component}: the pipeline has no such "
                                 "module")
         self.splits = self.splits_of(model)
-        if self.guidance is not None:
-            self.guidance.install(model)
+        if self.guidance is not None:  # halves the batch of every denoiser call
+            self.guidance.install(denoiser_call(pipe))
         if (self.mesh is None or self.reduce is None or self.all_gather is None
                 or self.mesh.size() == 1):
             return

@@ -10,8 +10,8 @@ from math import gcd
 
 from omegaconf import DictConfig
 
-from paraflow.adapters import attention_heads, self_attention_modules
 from paraflow.errors import ParaflowError
+from paraflow.families.base import attention_heads, self_attention_modules
 from paraflow.strategies.patch.strategy import PatchParallel
 from paraflow.strategies.patch.ulysses import UlyssesAttnProcessor
 
@@ -26,7 +26,7 @@ class Ulysses(PatchParallel):
     def validate(self, cfg: DictConfig) -> None:
         """The patch checks, then the heads of every self-attention against the band count,
         on the denoiser built on the meta device."""
-        from paraflow.models import denoiser_skeleton
+        from paraflow.models.skeleton import denoiser_skeleton
 
         super().validate(cfg)
         skeleton = denoiser_skeleton(cfg.model)

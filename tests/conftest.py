@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -29,6 +30,16 @@ def run_cli(args: Sequence[str], env: dict[str, str] | None = None,
             timeout: float = 300) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "paraflow", *args], cwd=REPO, text=True,
                           capture_output=True, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def install_outside(package: str, root: Path) -> Path:
+    """Install tests/PACKAGE (an outside plugin) with pip into ROOT/site, built from a copy so
+    builds stay out of the repository; the folder to put on PYTHONPATH."""
+    shutil.copytree(REPO / "tests" / package, root / "src")
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps",
+                    "--no-build-isolation", "--target", str(root / "site"), str(root / "src")],
+                   check=True, capture_output=True, timeout=300)
+    return root / "site"
 
 
 def read_images(out_dir: Path) -> list[np.ndarray]:

@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 
 from paraflow.api import CONF_DIR, compose
 from paraflow.bench.grid import grid
+from paraflow.bench.report import commit, write_figure
 
 from .conftest import REPO
 
@@ -84,3 +85,16 @@ def test_bench_command_writes_table_csv_json_and_plots(tmp_path: Path) -> None:
                  "psnr.png"):
         assert (out / name).stat().st_size > 0, name
     assert "sync_patch" in (out / "bench.csv").read_text()
+
+
+def test_a_figure_names_its_command_and_commit(tmp_path: Path) -> None:
+    """A table for docs/ carries the command line that wrote it and the commit it ran at."""
+    path = tmp_path / "figures" / "plan.md"
+    write_figure(path, "python -m paraflow.plan model=tiny", "| a |\n|---|\n| 1 |\n",
+                 measured=False)
+    text = path.read_text()
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, text=True,
+                          capture_output=True).stdout.strip()
+    assert "`python -m paraflow.plan model=tiny`" in text
+    assert commit().startswith(head or "unknown") and f"`{head or 'unknown'}`" in text
+    assert text.rstrip().endswith("| 1 |") and "CPU" not in text  # a plan: no machine

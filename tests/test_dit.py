@@ -36,6 +36,11 @@ CASES: dict[str, tuple[Any, list[str], dict[str, Any]]] = {
     "alpha": (PixArtAlphaPipeline, ["model=tiny_pixart_random", *ALPHA], PIXART_CALL),
     "sd3": (StableDiffusion3Pipeline, ["model=tiny_sd3_random"], {"negative_prompt": "green"}),
     "flux": (FluxPipeline, ["model=tiny_flux_random"], {}),
+    # Resolution binning, the stock default: a sample size of 32 has the 256² bins; 64 × 96
+    # is generated at its nearest bin (208 × 304), then resized and cropped back.
+    "sigma_binned": (PixArtSigmaPipeline, ["model=tiny_pixart_random",
+                                           "model.transformer.sample_size=32"],
+                     {**PIXART_CALL, "use_resolution_binning": True}),
 }
 
 
@@ -56,9 +61,10 @@ def test_same_image_as_diffusers(name: str, dit_folders: dict[str, Path],
     folder, out = dit_folders[name], tmp_path / "paraflow"
     stock_class, _, call = CASES[name]
     negative = ["negative_prompt=green"] if "negative_prompt" in call else []
+    binning = f"resolution_binning={call.get('use_resolution_binning', True)}"
     run_paraflow(out, ["model=pretrained", f"model.path={folder}", f"prompt='{PROMPT}'",
                        "seed=3", "guidance_scale=4.5", "save_latents=true", "height=64",
-                       "width=96", *negative])
+                       "width=96", binning, *negative])
     pipe = stock_class.from_pretrained(folder)
     pipe.set_progress_bar_config(disable=True)
     kwargs = dict(prompt=PROMPT, height=64, width=96, num_inference_steps=3,
@@ -119,7 +125,8 @@ def test_planned_patch_bytes_equal_the_formula(strategy: str) -> None:
 
     plan = make_plan(compose(["model=tiny_pixart_random", f"+strategy={strategy}",
                               "launcher.devices=4", "height=128", "width=96", "steps=6"]))
-    want = _patch_bytes_per_step(4, 128, 96, layers=2, inner=32, out_channels=8)
+    # The output band is the prediction: PixArt's learned-variance channels are dropped first.
+    want = _patch_bytes_per_step(4, 128, 96, layers=2, inner=32, out_channels=4)
     for row in plan.ranks:  # displaced patch sends as much, later
         assert row.comm_per_step == [want] * 6
 
@@ -140,7 +147,7 @@ def test_planned_ulysses_bytes_equal_the_formula() -> None:
 
     plan = make_plan(compose(["model=tiny_pixart_random", "+strategy=ulysses",
                               "launcher.devices=4", "height=128", "width=96", "steps=2"]))
-    want = _ulysses_bytes_per_step(4, 128, 96, layers=2, inner=32, out_channels=8)
+    want = _ulysses_bytes_per_step(4, 128, 96, layers=2, inner=32, out_channels=4)
     assert [row.comm_per_step for row in plan.ranks] == [[want] * 2] * 4
 
 
@@ -178,14 +185,18 @@ def test_planned_flux_bytes_equal_the_formula(strategy: str) -> None:
     assert [row.comm_per_step for row in plan.ranks] == [[want] * 2] * 4
 
 
-def test_tensor_without_a_plan_for_the_family_names_the_families() -> None:
+def test_tensor_without_a_plan_for_the_family_says_how_to_give_one(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A family that ships no tensor plan (as an outside family may not) is refused before
+    launch, naming the family and the two ways to give a plan."""
     from paraflow.errors import ParaflowError
+    from paraflow.families.flux import FluxFamily
     from paraflow.validate import validate
 
-    cfg = compose(["model=tiny_flux_random", "+strategy=tensor", "launcher.devices=2",
-                   "~strategy.plans.flux"])
-    with pytest.raises(ParaflowError, match=r"no plan for this model's family \(flux\).*"
-                                            r"families with a plan: unet, pixart, sd3"):
+    monkeypatch.setattr(FluxFamily, "tensor_plan", {})
+    cfg = compose(["model=tiny_flux_random", "+strategy=tensor", "launcher.devices=2"])
+    with pytest.raises(ParaflowError, match=r"no plan for this model's family \(flux\); give "
+                                            r"strategy.plan .* or strategy.plans.flux"):
         validate(cfg, None, devices=False)
 
 

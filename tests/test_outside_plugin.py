@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import REPO, read_images
+from tests.conftest import REPO, install_outside, read_images
 
 pytestmark = pytest.mark.slow
 RUN = ["model=tiny_random", "height=64", "width=64", "steps=3", "pipeline.progress=false",
@@ -25,12 +24,7 @@ RUN = ["model=tiny_random", "height=64", "width=64", "steps=3", "pipeline.progre
 
 @pytest.fixture(scope="module")
 def plugin_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("plugin")
-    shutil.copytree(REPO / "tests" / "outside_plugin", root / "src")  # builds stay out of REPO
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps",
-                    "--no-build-isolation", "--target", str(root / "site"), str(root / "src")],
-                   check=True, capture_output=True, timeout=300)
-    return root / "site"
+    return install_outside("outside_plugin", tmp_path_factory.mktemp("plugin"))
 
 
 def _paraflow(plugin: Path, cwd: Path, *args: str,

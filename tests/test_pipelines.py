@@ -22,9 +22,9 @@ from diffusers import (
 )
 from PIL import Image
 
-from paraflow.adapters import alias_flattened_clip
 from paraflow.api import compose
 from paraflow.models import load_pipeline
+from paraflow.models.components import alias_flattened_clip
 
 from .conftest import read_images, read_latents, run_paraflow
 
@@ -198,7 +198,7 @@ BAD_INPUTS = [
     (["pipeline=inpaint", "image={good}", "mask={small}"],
      "mask={small}: 32x32, but its image is 64x64"),
     (["pipeline=inpaint", "image={good}", "mask={good}", "model=tiny_sd3_random"],
-     "pipeline=inpaint needs a UNet model"),
+     "pipeline=inpaint needs a model whose family inpaints"),
     (["image={good}"], "pipeline=txt2img does not read it (pipeline=img2img, inpaint do)"),
     (["strength=0.5"], "strength=0.5: pipeline=txt2img does not read it"),
     (["denoising_end=0.5"], "denoising_end=0.5: pipeline=txt2img does not read it"),

@@ -2,13 +2,15 @@
 with the same seed; per-step progress as server-sent events; a client that goes away stops its
 job within a step; bad requests get a 4xx naming the field and never reach the engine; the prompt
 embedding cache spares the text encoder, in the instance and through a real Redis shared by two
-instances, and the service works on when Redis is down."""
+instances, and the service works on when Redis is down. Edits: a bad upload is refused naming
+the field, an edit's files are removed however its job ends, and edits never batch."""
 
 from __future__ import annotations
 
 import json
 import shutil
 import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -23,9 +25,18 @@ from paraflow.api import compose, generate
 from paraflow.serve.instance import build
 from paraflow.serve.local import free_ports
 from tests.conftest import read_images
-from tests.serve_helpers import INSTANCE, counter, decoded, images_of
+from tests.serve_helpers import (
+    COMPUTE,
+    INSTANCE,
+    counter,
+    decoded,
+    images_of,
+    picture,
+    square_mask,
+)
 
 URL = "/v1/images/generations"
+EDITS = "/v1/images/edits"
 
 
 @pytest.fixture(scope="module")
@@ -53,13 +64,14 @@ def test_a_served_image_equals_the_run_with_the_same_seed(client: TestClient,
     answer = client.post(URL, json=body)
     assert answer.status_code == 200, answer.text
     assert [d["seed"] for d in answer.json()["data"]] == [7, 8]
-    run = generate(compose(["model=tiny_random", "prompt=a red circle on the left",
-                            "images_per_prompt=2", "width=64", "height=48", "steps=4", "seed=7",
-                            "guidance_scale=4.0", "pipeline.progress=false"]), tmp_path / "run")
+    # The instance's model and thread count (COMPUTE): the same stage graph, batch and kernels.
+    run = generate(compose([*COMPUTE, "prompt=a red circle on the left", "images_per_prompt=2",
+                            "width=64", "height=48", "steps=4", "seed=7", "guidance_scale=4.0",
+                            "pipeline.progress=false"]), tmp_path / "run")
     assert run["n_images"] == 2
     for served, made in zip(images_of(answer.json()), read_images(tmp_path / "run")):
         assert served.shape == (48, 64, 3)
-        assert np.array_equal(served, made)  # the same code path: bit-identical
+        assert np.array_equal(served, made)  # the same code path and threads: bit-identical
 
 
 def test_progress_events_then_the_image(client: TestClient) -> None:
@@ -140,6 +152,105 @@ def test_a_bad_request_is_refused_before_the_engine(app: Any, client: TestClient
     assert counter(app, "paraflow_denoise_steps_total") == steps  # never reached a device
 
 
+def png_file(data: bytes) -> tuple[str, bytes, str]:
+    return ("upload.png", data, "image/png")
+
+
+IMAGE = {"image": png_file(picture())}
+FORM = {"prompt": "a red circle", "steps": "2"}
+BAD_EDITS = [  # (form fields, files, status, field named in the answer)
+    (FORM, {"image": png_file(b"GIF89a, no more")}, 400, "image"),
+    (FORM, {"image": png_file(picture()[:200])}, 400, "image"),  # truncated
+    (FORM, {"mask": png_file(square_mask())}, 400, "image"),  # no image
+    (FORM, [("image", png_file(picture())), ("image", png_file(picture()))], 400, "image"),
+    ({**FORM, "image": "a path?"}, {"mask": png_file(square_mask())}, 400, "image"),
+    (FORM, {"image": png_file(picture(1040, 8))}, 400, "image"),  # past max_side
+    (FORM, {**IMAGE, "mask": png_file(b"not a mask")}, 400, "mask"),
+    (FORM, {**IMAGE, "mask": png_file(square_mask(64, 48))}, 400, "mask"),
+    (FORM, {"image": png_file(picture(60, 60))}, 400, "size"),  # auto: 60 is no multiple of 8
+    ({**FORM, "size": "65x64"}, IMAGE, 400, "size"),
+    ({**FORM, "colour": "red"}, IMAGE, 400, "colour"),
+    (FORM, {**IMAGE, "extra": png_file(picture())}, 400, "extra"),
+    ({**FORM, "strength": "0"}, IMAGE, 400, "strength"),
+    ({**FORM, "strength": "1.5"}, IMAGE, 400, "strength"),
+    ({**FORM, "strength": "0.2"}, IMAGE, 400, "strength"),  # 2 steps × 0.2: no step runs
+    ({**FORM, "n": "two"}, IMAGE, 400, "n"),
+    ({**FORM, "stream": "maybe"}, IMAGE, 400, "stream"),
+    ({"steps": "2"}, IMAGE, 400, "prompt"),
+    (FORM, {"image": png_file(picture(160, 160, noise=True))}, 413, "body"),  # > 64 KiB
+]
+
+
+@pytest.mark.parametrize(("form", "files", "status", "field"), BAD_EDITS,
+                         ids=[f"{s}-{f}-{i}" for i, (_, _, s, f) in enumerate(BAD_EDITS)])
+def test_a_bad_edit_is_refused_before_the_engine(app: Any, client: TestClient,
+                                                 form: dict[str, str], files: Any,
+                                                 status: int, field: str) -> None:
+    steps = counter(app, "paraflow_denoise_steps_total")
+    answer = client.post(EDITS, data=form, files=files)
+    assert answer.status_code == status, answer.text
+    error = answer.json()["error"]
+    assert error["param"] == field and error["message"], error
+    assert counter(app, "paraflow_denoise_steps_total") == steps  # never reached a device
+
+
+@pytest.mark.parametrize(("body", "kind", "status", "field"), [
+    (b'{"prompt": "x"}', "application/json", 415, "content-type"),
+    (b"--x\r\nnot a form", "multipart/form-data; boundary=x", 400, "body"),
+])
+def test_an_edit_must_be_a_multipart_form(client: TestClient, body: bytes, kind: str,
+                                          status: int, field: str) -> None:
+    answer = client.post(EDITS, content=body, headers={"content-type": kind})
+    assert answer.status_code == status and answer.json()["error"]["param"] == field
+
+
+def test_an_edit_s_files_are_removed_however_its_job_ends(
+        app: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from paraflow.serve.jobs import Cancelled, Job, Uploads
+    from paraflow.serve.requests import EditRequest
+    from paraflow.session import FAULT_ENV
+
+    engine = app.state.engine
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the job's folder goes
+    seen: list[list[str]] = []
+
+    def edit(on_progress: Any = None) -> Job:
+        request = EditRequest(prompt="a red circle", steps=2, size="64x64")
+        return Job(request, 64, 64, 0, on_progress=on_progress,
+                   uploads=Uploads(picture(), square_mask()))
+
+    def look(_: Any) -> None:
+        seen.append(sorted(p.name for p in tmp_path.glob("paraflow-edit-*/*")))
+
+    assert len(engine.submit(edit(look)).result(60)) == 1
+    assert seen[0] == ["image", "mask"] and not any(tmp_path.iterdir())  # done
+    cancelled = edit(lambda _: cancelled.cancelled.set())
+    with pytest.raises(Cancelled):
+        engine.submit(cancelled).result(60)
+    assert not any(tmp_path.iterdir())
+    monkeypatch.setenv(FAULT_ENV, "0")  # rank 0 raises after the graph ran
+    with pytest.raises(RuntimeError, match="injected failure"):
+        engine.submit(edit()).result(60)
+    assert not any(tmp_path.iterdir())
+
+
+def test_edits_run_alone(app: Any) -> None:
+    from paraflow.serve.jobs import Job, Uploads
+    from paraflow.serve.requests import EditRequest, ImagesRequest
+
+    engine = app.state.engine
+    blocker = threading.Event()
+    first = Job(ImagesRequest(prompt="a", steps=2), 64, 64, 0,
+                on_progress=lambda _: blocker.wait(30))
+    alike = [Job(EditRequest(prompt="a", steps=2, size="64x64"), 64, 64, seed,
+                 uploads=Uploads(picture())) for seed in (1, 2)]
+    batches = counter(app, "paraflow_batches_total")
+    futures = [engine.submit(j) for j in (first, *alike)]
+    blocker.set()
+    assert all(len(f.result(60)) == 1 for f in futures)
+    assert counter(app, "paraflow_batches_total") - batches == 3
+
+
 def test_the_api_key_is_required_when_set() -> None:
     app = build([*INSTANCE, "serve.api_key=s3cret"])[1]
     with TestClient(app) as client:
@@ -149,6 +260,12 @@ def test_the_api_key_is_required_when_set() -> None:
             assert answer.status_code == 401 and answer.json()["error"]["param"] == "authorization"
         assert client.post(URL, json=body, headers={"authorization": "Bearer s3cret"}
                            ).status_code == 200
+        for path in ("/v1/models", "/v1/models/tiny_random"):  # OpenAI's list needs it too
+            assert client.get(path).status_code == 401
+            assert client.get(path, headers={"authorization": "Bearer s3cret"}
+                              ).status_code == 200
+        edit = client.post(EDITS, data={"prompt": "x", "steps": "1"}, files=IMAGE)
+        assert edit.status_code == 401 and edit.json()["error"]["param"] == "authorization"
 
 
 def test_health_readiness_metrics_and_instance(client: TestClient) -> None:
@@ -273,9 +390,13 @@ def test_a_diffusion_transformer_instance_serves_the_run_s_image(model: str,
         body = {"prompt": "a blue square", "size": "64x48", "steps": 3, "seed": 5,
                 "guidance_scale": 3.5, "scheduler": "dpm"}  # a flow model keeps its own
         answer = dit.post(URL, json=body)
+        inpaint = dit.post(EDITS, data={"prompt": "x", "steps": "2"},
+                           files={**IMAGE, "mask": png_file(square_mask())})
+    assert inpaint.status_code == 400 and inpaint.json()["error"]["param"] == "mask"
+    assert model in inpaint.json()["error"]["message"]  # it names the model that cannot
     assert answer.status_code == 200, answer.text
-    generate(compose([f"model={model}", "prompt=a blue square", "width=64", "height=48",
-                      "steps=3", "seed=5", "guidance_scale=3.5", "pipeline.progress=false"]),
-             tmp_path / "run")
+    generate(compose([*COMPUTE, f"model={model}", "prompt=a blue square", "width=64",
+                      "height=48", "steps=3", "seed=5", "guidance_scale=3.5",
+                      "pipeline.progress=false"]), tmp_path / "run")
     (served,), (made,) = images_of(answer.json()), read_images(tmp_path / "run")
     assert served.shape == (48, 64, 3) and np.array_equal(served, made)

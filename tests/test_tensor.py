@@ -16,8 +16,10 @@ from torch import nn
 from paraflow.api import compose
 from paraflow.context import ParallelContext
 from paraflow.errors import ParaflowError
+from paraflow.families import family_of_class_name
 from paraflow.launcher import launch
-from paraflow.models import denoiser_skeleton, load_pipeline
+from paraflow.models import load_pipeline
+from paraflow.models.skeleton import denoiser_skeleton
 from paraflow.registry import build_strategy
 from paraflow.strategies.tensor import allowed_degrees, check_divisible, resolve_plan
 from paraflow.strategies.tensor_layers import (
@@ -34,7 +36,7 @@ COMMON = ["save_latents=true", "launcher.threads_per_rank=1"]
 
 
 def default_plan() -> dict[str, str]:
-    return build_strategy(compose(["+strategy=tensor"]).strategy).plans["unet"]
+    return family_of_class_name("UNet2DConditionModel").tensor_plan
 
 
 # --- without processes ------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from hydra.utils import get_class, get_method
 from omegaconf import DictConfig
 
 from paraflow.config import build_options, plain_dict
+from paraflow.models.components import alias_flattened_clip
 
 log = logging.getLogger(__name__)
 
@@ -20,7 +21,6 @@ def load_pipeline(model_cfg: DictConfig, scheduler_cfg: DictConfig | None = None
     if scheduler_cfg is not None:
         pipe.scheduler = scheduler_for(pipe.scheduler, scheduler_cfg)
     pipe.set_progress_bar_config(disable=True)
-    from paraflow.adapters import alias_flattened_clip  # adapters imports models.pretrained
     from paraflow.models.lora import apply_loras
 
     return apply_loras(alias_flattened_clip(pipe), model_cfg)
@@ -43,12 +43,3 @@ def is_flow_matching(scheduler_class: type) -> bool:
     """A scheduler of flow-matching models (velocity prediction, sigmas from 1 to 0)."""
     return scheduler_class.__name__.startswith("FlowMatch")
 
-
-def denoiser_skeleton(model_cfg: DictConfig) -> Any:
-    """The denoiser's module tree on the meta device (no weights, no memory), from config alone,
-    so a layout can be checked before any rank starts. None when only loading would tell (hub ids
-    not in the cache, folders without unet/config.json). See paraflow/models/skeleton.py for the
-    other modules."""
-    from paraflow.models.skeleton import component_skeleton, denoiser_component
-
-    return component_skeleton(model_cfg, denoiser_component(model_cfg))

@@ -21,14 +21,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
-from paraflow.adapters import configured_denoiser, denoiser_family
 from paraflow.errors import ParaflowError
 
 log = logging.getLogger(__name__)
 
 WEIGHTS = "pytorch_lora_weights.safetensors"  # the name diffusers' save_lora_weights writes
 DENOISERS = ("unet", "transformer")
-LORA_FAMILIES = ("unet", "sd3", "flux")  # pipelines with diffusers' load_lora_weights
 # The down (reads the layer's inputs) and up (writes its outputs) factors of a layer, in keys
 # {component}.{module}{suffix}: peft's format and diffusers' own. Other formats (kohya's) are
 # converted by diffusers at load time and not checked before launch.
@@ -84,16 +82,20 @@ def _widths(module: nn.Module) -> tuple[int, int] | None:
 def check_loras(model_cfg: DictConfig) -> None:
     """Pre-launch: every model.lora entry has a readable file, and its denoiser layers exist
     in the model at the widths they adapt (the schema has checked that scale is a number)."""
-    from paraflow.models import denoiser_skeleton
+    from paraflow.models.skeleton import denoiser_skeleton
 
     entries = lora_entries(model_cfg)
     if not entries:
         return
-    family = denoiser_family(configured_denoiser(model_cfg) or {})
-    if family not in LORA_FAMILIES:
-        raise ParaflowError(f"model.lora: model {model_cfg.name} is a {family} model, whose "
-                            f"diffusers pipeline loads no LoRA; families that do: "
-                            f"{', '.join(LORA_FAMILIES)}")
+    from paraflow.families.registry import families
+    from paraflow.models.configured import configured_family
+
+    family = configured_family(model_cfg)
+    if family is not None and not family.takes_lora:
+        takers = sorted(f.name for f in families().values() if f.takes_lora)
+        raise ParaflowError(f"model.lora: model {model_cfg.name} is a {family.name} model, "
+                            f"whose diffusers pipeline loads no LoRA; families that do: "
+                            f"{', '.join(takers)}")
     skeleton = denoiser_skeleton(model_cfg)
     modules = dict(skeleton.named_modules()) if skeleton is not None else None
     for index, entry in enumerate(entries):

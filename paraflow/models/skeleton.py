@@ -17,8 +17,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from paraflow.adapters import TEXT_ENCODERS, configured_denoiser, denoiser_family, t5_token_limit
 from paraflow.config import build_options
+from paraflow.families.patched import t5_token_limit
+from paraflow.models.components import TEXT_ENCODERS
+from paraflow.models.configured import configured_family
 
 # The modules a run holds (a pipeline has a unet or a transformer).
 COMPONENTS = ("unet", "transformer", "vae", *TEXT_ENCODERS)
@@ -76,6 +78,13 @@ def _from_folder(folder: Path, name: str) -> nn.Module | None:
         return cls.from_config(config)  # type: ignore[no-any-return]
 
 
+def denoiser_skeleton(model_cfg: DictConfig) -> Any:
+    """The denoiser's module tree on the meta device (no weights, no memory), from config alone,
+    so a layout can be checked before any rank starts. None when only loading would tell (hub ids
+    not in the cache, folders without unet/config.json)."""
+    return component_skeleton(model_cfg, denoiser_component(model_cfg))
+
+
 def component_skeleton(model_cfg: DictConfig, name: str) -> nn.Module | None:
     """One pipeline module (`unet`, `vae`, ...) on the meta device; None when the config does
     not tell (hub ids not in the cache, folders without `<name>/config.json`)."""
@@ -109,16 +118,17 @@ def pipeline_skeleton(model_cfg: DictConfig) -> dict[str, nn.Module] | None:
 
 
 def prompt_tokens(model_cfg: DictConfig) -> int:
-    """Text tokens per prompt the denoiser reads (the cross-attention key length): the CLIP
-    tokenizer's length for UNets; T5's, up to the pipeline's limit, for PixArt and Flux; SD3's
-    CLIP and T5 sequences one after the other."""
-    family = denoiser_family(configured_denoiser(model_cfg) or {})
-    if family in ("unet", "transformer"):
-        return _tokenizer_length(model_cfg, "tokenizer")
-    t5 = min(t5_token_limit(_pipeline_class(model_cfg)),
-             _tokenizer_length(model_cfg, {"sd3": "tokenizer_3", "flux": "tokenizer_2"}
-                               .get(family, "tokenizer"), is_t5=True))
-    return t5 + _tokenizer_length(model_cfg, "tokenizer") if family == "sd3" else t5
+    """Text tokens per prompt the denoiser reads (the cross-attention key length): the
+    sequences of the tokenizers its family names, one after another, a T5's up to the
+    pipeline's limit (a CLIP tokenizer's length for UNets; T5's for PixArt and Flux; SD3's T5
+    and CLIP)."""
+    family = configured_family(model_cfg)
+    tokenizers = family.prompt_tokenizers() if family is not None else (("tokenizer", False),)
+    total = 0
+    for name, is_t5 in tokenizers:
+        length = _tokenizer_length(model_cfg, name, is_t5=is_t5)
+        total += min(t5_token_limit(_pipeline_class(model_cfg)), length) if is_t5 else length
+    return total
 
 
 def _tokenizer_length(model_cfg: DictConfig, name: str, is_t5: bool = False) -> int:

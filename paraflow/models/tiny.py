@@ -33,6 +33,8 @@ SD_SCHEDULER_CONFIG: dict[str, Any] = {
 }
 
 
+DENOISER = UNet2DConditionModel  # what build_tiny denoises with
+
 def text_encoder_config(tokenizer: Any, text_encoder: dict[str, Any]) -> CLIPTextConfig:
     """The tokenizer's sizes unless the config names others (a full-size architecture keeps
     CLIP's 49408-token embedding and 77 positions, so its parameter count is the real one)."""
@@ -64,7 +66,7 @@ def build_tiny(
     tokenizer = build_word_tokenizer(words, max_length=max_tokens)
     scheduler = DDIMScheduler(**SD_SCHEDULER_CONFIG)
     torch.manual_seed(init_seed)
-    unet_model = UNet2DConditionModel(**unet)
+    unet_model = DENOISER(**unet)
     vae_model = AutoencoderKL(**vae)
     encoder = CLIPTextModel(text_encoder_config(tokenizer, text_encoder))
     if arch == "sd":

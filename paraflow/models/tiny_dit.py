@@ -44,6 +44,8 @@ FLUX_SCHEDULER_CONFIG: dict[str, Any] = {
 }
 PIXART = {"pixart_alpha": PixArtAlphaPipeline, "pixart_sigma": PixArtSigmaPipeline}
 PIPELINES = {**PIXART, "sd3": StableDiffusion3Pipeline, "flux": FluxPipeline}
+TRANSFORMERS = {"pixart_alpha": PixArtTransformer2DModel, "pixart_sigma": PixArtTransformer2DModel,
+                "sd3": SD3Transformer2DModel, "flux": FluxTransformer2DModel}
 
 
 def _t5(tokenizer: Any, config: dict[str, Any]) -> T5EncoderModel:
@@ -75,7 +77,7 @@ def build_tiny_dit(
     autoencoder = AutoencoderKL(**vae)
     if arch in PIXART:
         return PIXART[arch](tokenizer=t5_tokenizer, text_encoder=t5, vae=autoencoder,
-                            transformer=PixArtTransformer2DModel(**transformer),
+                            transformer=TRANSFORMERS[arch](**transformer),
                             scheduler=DDIMScheduler(**PIXART_SCHEDULER_CONFIG))
     clip_tokenizer = build_word_tokenizer(words, max_tokens)
     if arch == "flux":
@@ -83,7 +85,7 @@ def build_tiny_dit(
             tokenizer=clip_tokenizer, text_encoder=CLIPTextModel(
                 text_encoder_config(clip_tokenizer, clip or {})).eval(),
             tokenizer_2=t5_tokenizer, text_encoder_2=t5, vae=autoencoder,
-            transformer=FluxTransformer2DModel(**transformer),
+            transformer=TRANSFORMERS[arch](**transformer),
             scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER_CONFIG))
     clips = [CLIPTextModelWithProjection(text_encoder_config(clip_tokenizer, c or {})).eval()
              for c in (clip, clip_2 or clip)]
@@ -91,5 +93,5 @@ def build_tiny_dit(
         tokenizer=clip_tokenizer, text_encoder=clips[0],
         tokenizer_2=build_word_tokenizer(words, max_tokens), text_encoder_2=clips[1],
         tokenizer_3=t5_tokenizer, text_encoder_3=t5, vae=autoencoder,
-        transformer=SD3Transformer2DModel(**transformer),
+        transformer=TRANSFORMERS[arch](**transformer),
         scheduler=FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULER_CONFIG))

@@ -7,6 +7,9 @@ writes a folder that `from_pretrained` reads back.
 
 from __future__ import annotations
 
+import re
+from typing import Any
+
 from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers, processors
 from tokenizers.models import WordLevel
 from transformers import PreTrainedTokenizerFast
@@ -60,3 +63,12 @@ def build_word_tokenizer(
         unk_token=UNK,
         model_max_length=max_length,
     )
+
+
+def unknown_words(tokenizer: Any, texts: list[str]) -> list[str]:
+    """The words of `texts` that `tokenizer` maps to its unknown token, in first-seen order."""
+    unk = tokenizer.unk_token_id
+    if unk is None:
+        return []
+    words = dict.fromkeys(w for text in texts for w in re.findall(r"[\w']+", text.lower()))
+    return [w for w in words if unk in tokenizer(w, add_special_tokens=False).input_ids]

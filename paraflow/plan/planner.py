@@ -8,8 +8,8 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from paraflow.adapters import conditioning_extras, latent_channels, uses_guidance
 from paraflow.errors import ParaflowError
+from paraflow.families import family_of
 from paraflow.mesh import world_of
 from paraflow.models.skeleton import COMPONENTS, pipeline_skeleton, prompt_tokens
 from paraflow.plan.rank import RankWork, patch_decode_wanted
@@ -18,14 +18,17 @@ from paraflow.plan.seats import Seat, seats
 from paraflow.plan.simulate import Inputs
 from paraflow.plan.weights import PHASES, Policy, module_bytes, stage_policies
 from paraflow.run import expanded_prompts
+from paraflow.sizes import with_binned_size
 from paraflow.validate import model_factor, validate
 
 
 def _inputs(cfg: DictConfig, model: nn.Module, factor: int) -> Inputs:
-    guidance = uses_guidance(model, float(cfg.guidance_scale))
-    latent = (latent_channels(model), int(cfg.height) // factor, int(cfg.width) // factor)
+    family, config = family_of(model), getattr(model, "config", {})
+    guidance = family.uses_guidance(config, float(cfg.guidance_scale))
+    latent = (family.latent_channels(config), int(cfg.height) // factor,
+              int(cfg.width) // factor)
     tokens = prompt_tokens(cfg.model)
-    return Inputs(latent, tokens, guidance, conditioning_extras(model, tokens))
+    return Inputs(latent, tokens, guidance, family.conditioning_extras(config, tokens))
 
 
 def _accelerator(cfg: DictConfig) -> str:
@@ -91,6 +94,7 @@ def _device_peak(weights: dict[str, int], policies: dict[str, Policy],
 def make_plan(cfg: DictConfig) -> Plan:
     """The plan of `cfg` (composed as paraflow.api.compose does); the same checks as a run,
     except those against this machine's devices. No weights are loaded."""
+    cfg = with_binned_size(cfg)  # planned at the size generated at
     validate(cfg, None, devices=False)
     parts = pipeline_skeleton(cfg.model)
     model = None if not parts else parts.get("unet", parts.get("transformer"))

@@ -18,6 +18,7 @@ from paraflow.models.skeleton import component_skeleton, denoiser_component
 from paraflow.plan.seats import Seat, set_up
 from paraflow.plan.simulate import Inputs, replay
 from paraflow.plan.weights import Policy, module_bytes
+from paraflow.plugin import banded_vae, planned
 
 
 def _skeleton(cfg: DictConfig, name: str, policies: dict[str, Policy]) -> Any:
@@ -67,13 +68,14 @@ class RankWork:
                             "vae": module_bytes(vae, policies.get("vae", Policy()).dtype)}
             if not images:
                 continue
-            in_bands = (patch_decode_wanted(cfg, strategy)
-                        and strategy.image_comm(ctx).world_size > 1)
+            banded = banded_vae(strategy)
+            in_bands = (patch_decode_wanted(cfg, strategy) and banded is not None
+                        and banded.image_comm(ctx).world_size > 1)
             done = replay(strategy, ctx, unet, vae, inputs, images, steps, in_bands, cpu)
             self.peaks = (max(self.peaks[0], done.denoise_peak),
                           max(self.peaks[1], done.decode_peak))
             self.carried = max(self.carried, done.carried)
-            distinct = strategy.distinct_steps(steps)
+            distinct = planned(strategy).distinct_steps(steps)
             for step in range(steps):
                 self.per_step[step] += count * done.booked.get(step_like(distinct, step), 0)
             self.decode += count * done.booked.get(None, 0)

@@ -12,6 +12,7 @@ from omegaconf import DictConfig
 from paraflow.context import ParallelContext
 from paraflow.mesh import world_of
 from paraflow.plan.planned import planned_context
+from paraflow.plugin import planned
 from paraflow.registry import build_strategy
 from paraflow.run import expanded_prompts
 
@@ -48,7 +49,8 @@ def seats(cfg: DictConfig) -> list[Seat]:
     for rank in range(world_of(cfg)):
         strategy, ctx = set_up(cfg, rank)
         chunks = passes(len(strategy.assign_images(n, ctx)), batch)
-        alike = strategy.alike_key(cfg, ctx)
+        plan = planned(strategy)
+        alike = plan.alike_key(cfg, ctx)
         key = ("rank", rank) if alike is None else ("alike", alike, chunks)
-        found.append(Seat(rank, strategy.describe(cfg, ctx), chunks, key, strategy, ctx))
+        found.append(Seat(rank, plan.describe(cfg, ctx), chunks, key, strategy, ctx))
     return found

@@ -16,9 +16,11 @@ from typing import Any
 
 import torch
 
-from paraflow.adapters import Conditioning, context_width, denoiser_forward
 from paraflow.context import ParallelContext
+from paraflow.families import Conditioning, denoiser_call
+from paraflow.loop import LoopHook, Sampling, Step, denoise
 from paraflow.plan.live import LiveBytes
+from paraflow.plugin import planned
 
 
 @dataclass
@@ -39,6 +41,41 @@ class Replayed:
     booked: dict[int | None, int]  # bytes sent per replayed step; None: after the steps
 
 
+class StandInScheduler:
+    """The scheduler step as its memory sees it: latent-sized temporaries."""
+
+    def step(self, noise: torch.Tensor, t: torch.Tensor, latents: torch.Tensor,
+             return_dict: bool = False) -> tuple[torch.Tensor]:
+        return (latents * 0.5 + noise * 0.5,)
+
+
+class StrategyReplay(LoopHook):
+    """The strategy's step hooks, as the Denoise stage calls them."""
+
+    def __init__(self, strategy: Any, ctx: ParallelContext) -> None:
+        self.strategy, self.ctx = strategy, ctx
+
+    def before_step(self, step: Step) -> None:
+        self.ctx.comm.step = step.index
+        self.strategy.on_step(step.index, self.ctx)
+
+    def end(self) -> None:
+        self.ctx.comm.step = None
+        self.strategy.on_denoise_end(self.ctx)
+
+
+class Carried(LoopHook):
+    """The most bytes live between steps beyond those live before the first (what the
+    strategy carries from one step to the next)."""
+
+    def __init__(self, live: LiveBytes) -> None:
+        self.live, self.before, self.most = live, live.live, 0
+
+    def after_step(self, step: Step, latents: torch.Tensor) -> torch.Tensor:
+        self.most = max(self.most, self.live.live - self.before)
+        return latents
+
+
 def replay(strategy: Any, ctx: ParallelContext, unet: Any, vae: Any, inputs: Inputs,
            images: int, steps: int, in_bands: bool, cpu: bool) -> Replayed:
     """`images` images through the meta `unet` and `vae` as `strategy` runs them on `ctx`'s rank:
@@ -52,7 +89,8 @@ def replay(strategy: Any, ctx: ParallelContext, unet: Any, vae: Any, inputs: Inp
     meta = torch.device("meta")
     carried = 0
     with torch.inference_mode(), live:
-        embeds = torch.empty(batch, inputs.tokens, context_width(unet),
+        call = denoiser_call(unet)
+        embeds = torch.empty(batch, inputs.tokens, call.family.context_width(unet.config),
                              dtype=unet_dtype, device=meta)
         added = None if inputs.added is None else {
             k: torch.empty(batch, *shape, dtype=unet_dtype, device=meta)
@@ -60,30 +98,22 @@ def replay(strategy: Any, ctx: ParallelContext, unet: Any, vae: Any, inputs: Inp
         cond = Conditioning(embeds, added)
         initial = torch.empty(images, *inputs.latent, device=meta)  # kept by the stage graph
         latents = initial * 1.0
-        t = torch.tensor(500, device=meta)
-        between_steps = live.live
-        for step in strategy.distinct_steps(steps):
-            ctx.comm.step = step
-            strategy.on_step(step, ctx)
-            model_input = torch.cat([latents] * 2) if inputs.guidance else latents
-            noise = denoiser_forward(unet, model_input.to(unet_dtype), t, cond).float()
-            if inputs.guidance:
-                uncond, text = noise.chunk(2)
-                noise = uncond + 5.0 * (text - uncond)
-                del uncond, text
-            latents = latents * 0.5 + noise * 0.5  # the scheduler step: latent-sized temporaries
-            del model_input, noise
-            carried = max(carried, live.live - between_steps)
-        ctx.comm.step = None
-        strategy.on_denoise_end(ctx)  # as the Denoise stage calls it
-        denoise = live.peak
+        replayed = planned(strategy).distinct_steps(steps)
+        carry = Carried(live)
+        sampling = Sampling(call, StandInScheduler(),
+                            [torch.tensor(500, device=meta)] * len(replayed), cond,
+                            guidance_scale=5.0 if inputs.guidance else None, dtype=unet_dtype,
+                            indices=replayed)
+        latents = denoise(latents, sampling, [StrategyReplay(strategy, ctx), carry])
+        carried = carry.most
+        denoise_peak = live.peak
         live.reset_peak()
         scaled = latents.to(vae_dtype) / 0.5
         if in_bands:
-            decoded = strategy.decode_in_bands(vae, scaled, ctx)
+            decoded = strategy.decode_in_bands(vae, scaled, ctx)  # a BandedVAE (in_bands)
         else:
             decoded = vae.decode(scaled, return_dict=False)[0]
         pixels = (decoded.float() * 0.5 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)
         rounded = (pixels * 255).round()  # pixels_to_uint8's copies
         _ = rounded.to(torch.uint8)
-        return Replayed(denoise, live.peak, carried, dict(ctx.comm.bytes_by_step))
+        return Replayed(denoise_peak, live.peak, carried, dict(ctx.comm.bytes_by_step))

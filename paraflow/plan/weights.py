@@ -12,9 +12,9 @@ from hydra.utils import get_class
 from omegaconf import DictConfig
 from torch import nn
 
-from paraflow.adapters import TEXT_ENCODERS
 from paraflow.config import Offload, Placement, Precision
 from paraflow.graph import execution_order
+from paraflow.models.components import TEXT_ENCODERS
 from paraflow.policy import DTYPES
 
 PHASES = {"encode": TEXT_ENCODERS, "denoise": ("unet", "transformer"),

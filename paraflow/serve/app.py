@@ -1,10 +1,13 @@
-"""An instance's HTTP API (FastAPI): `POST /v1/images/generations` (JSON or server-sent events),
+"""An instance's HTTP API (FastAPI), OpenAI's images API where it has one:
+`POST /v1/images/generations` (JSON), `POST /v1/images/edits` (multipart: an image, and a mask to
+inpaint), either answered as JSON or server-sent events; `GET /v1/models` (the served model),
 `/healthz` (liveness), `/readyz` (loaded and warmed up), `/metrics` (Prometheus),
 `/v1/instance` (what it serves, how busy it is) and `/`, a page (page.html).
 
 Every check runs here, before a job is queued: the API key (constant-time comparison), the body
-size, JSON, the fields (requests.py), the instance's limits and the run's own `validate`. A client
-that disconnects, or closes its event stream, cancels its job at the next step.
+size, JSON or the form and its files (uploads.py), the fields (requests.py), the instance's
+limits and the run's own `validate`. A client that disconnects, or closes its event stream,
+cancels its job at the next step.
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ from sse_starlette import EventSourceResponse
 from paraflow.errors import ParaflowError
 from paraflow.serve.engine import Engine
 from paraflow.serve.jobs import Busy, Cancelled, Job, new_seed
-from paraflow.serve.requests import RequestError, parse
+from paraflow.serve.requests import EditRequest, RequestError, parse, parse_form
+from paraflow.serve.uploads import FILES, checked_files, content_type, read_form, sized
 from paraflow.validate import validate
 
 RETRY_AFTER_S = 2
@@ -57,6 +61,14 @@ def _answer(job: Job, images: list[bytes]) -> dict[str, Any]:
                      for i, png in enumerate(images)]}
 
 
+def _edit_field(message: str) -> str:
+    """The form field a run's check names (`strength=...: ...`); an inpainting model is the
+    mask's business (without one the edit is img2img)."""
+    key = message.split("=", 1)[0]
+    named = {"height": "size", "width": "size", "pipeline": "mask"}.get(key, key)
+    return named if named in (*FILES, *EditRequest.model_fields) else "body"
+
+
 def _settled(future: asyncio.Future[Any]) -> None:
     """Read the outcome of a job nobody waits for any more (else asyncio logs it)."""
     if not future.cancelled():
@@ -67,18 +79,23 @@ def create_app(engine: Engine) -> FastAPI:
     serve = engine.cfg.serve
     api_key: str | None = serve.api_key
     max_body = int(serve.limits.max_body_bytes)
+    max_upload = int(serve.limits.max_upload_bytes)
     metrics = engine.metrics
     app = FastAPI(title="paraflow", summary="text-to-image on one or many devices")
     app.state.engine = engine
+    started = int(time.time())
 
-    def checked(raw: bytes, request: Request) -> Job:
+    def authorize(request: Request) -> None:
         if api_key is not None:
             header = request.headers.get("authorization", "")
             token = header[7:] if header.lower().startswith("bearer ") else ""
             if not hmac.compare_digest(token.encode(), api_key.encode()):
                 raise RequestError("authorization", "a valid `Authorization: Bearer KEY` "
                                                     "header is required", 401)
-        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+    def checked(raw: bytes, request: Request) -> Job:
+        authorize(request)
+        kind = content_type(request)
         if kind != "application/json":
             raise RequestError("content-type", f"content-type {kind or 'missing'}: send "
                                                "application/json", 415)
@@ -95,13 +112,42 @@ def create_app(engine: Engine) -> FastAPI:
             raise RequestError("size", str(err)) from None
         return job
 
+    async def edit(request: Request) -> Job:
+        authorize(request)
+        fields, files = await read_form(request, await _body(request, max_upload), max_upload)
+        parsed = parse_form(fields, FILES)
+        uploads, image_size = checked_files(files, engine.limits.max_side)
+        parsed, width, height = sized(parsed, image_size, engine.limits)
+        job = Job(parsed, width, height, parsed.seed if parsed.seed is not None else new_seed(),
+                  uploads=uploads)
+        with job.inputs() as inputs:  # the checks a run makes, on the files as a run has them
+            try:
+                validate(engine.run_config(job, inputs), None, devices=False)
+            except ParaflowError as err:
+                raise RequestError(_edit_field(str(err)), str(err)) from None
+        return job
+
+    def refused(err: RequestError) -> JSONResponse:
+        metrics.errors.labels(kind=f"http_{err.status}").inc()
+        return _error(err.status, err.field, err.message)
+
     @app.post("/v1/images/generations", response_model=None)
     async def generations(request: Request) -> Response:
         try:
             job = checked(await _body(request, max_body), request)
         except RequestError as err:
-            metrics.errors.labels(kind=f"http_{err.status}").inc()
-            return _error(err.status, err.field, err.message)
+            return refused(err)
+        return await _run(job, request)
+
+    @app.post("/v1/images/edits", response_model=None)
+    async def edits(request: Request) -> Response:
+        try:
+            job = await edit(request)
+        except RequestError as err:
+            return refused(err)
+        return await _run(job, request)
+
+    async def _run(job: Job, request: Request) -> Response:
         queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         loop = asyncio.get_running_loop()
         if job.request.stream:
@@ -162,6 +208,29 @@ def create_app(engine: Engine) -> FastAPI:
     @app.get("/", response_class=HTMLResponse)
     def index() -> str:
         return page  # a prompt form, live progress, the image, the instances
+
+    def listed() -> dict[str, Any]:
+        return {"id": engine.limits.model, "object": "model", "created": started,
+                "owned_by": "paraflow"}
+
+    @app.get("/v1/models", response_model=None)
+    def models(request: Request) -> Response:
+        try:
+            authorize(request)
+        except RequestError as err:
+            return refused(err)
+        return JSONResponse({"object": "list", "data": [listed()]})
+
+    @app.get("/v1/models/{model}", response_model=None)
+    def model(model: str, request: Request) -> Response:
+        try:
+            authorize(request)
+        except RequestError as err:
+            return refused(err)
+        if model != engine.limits.model:
+            return _error(404, "model", f"model={model!r}: this service runs "
+                                        f"{engine.limits.model!r}")
+        return JSONResponse(listed())
 
     @app.get("/healthz")
     def healthz() -> JSONResponse:

@@ -1,9 +1,12 @@
 """The `serve` config group's schema (conf/serve/local.yaml): the instances, the front door
-(HAProxy), the caches and the limits every request is checked against."""
+(HAProxy), the caches and the limits every request is checked against. Registered through the
+entry-point group `paraflow.configs`, as a strategy's schema is, so core config never imports the
+service (dataclasses only: loaded whenever a config composes, without the `serve` extra)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass
@@ -22,7 +25,8 @@ class LimitsConfig:
     max_steps: int = 100
     max_side: int = 1024  # pixels; the smallest side and the multiple come from the model
     max_prompt_chars: int = 2000
-    max_body_bytes: int = 65536
+    max_body_bytes: int = 65536  # a generation's JSON
+    max_upload_bytes: int = 16 << 20  # an edit's multipart body (its image and mask)
     schedulers: list[str] = field(default_factory=lambda: ["ddim", "dpm", "euler"])
 
 
@@ -71,3 +75,8 @@ class ServeConfig:
     restart_backoff_s: float = 0.5  # first wait before restarting a crashed instance (doubles)
     restart_backoff_max_s: float = 10.0
     ready_timeout_s: float = 300.0  # an instance not ready by then is restarted
+
+
+def register(store: Any) -> None:
+    """The schema under `schemas/serve/serve` of Hydra's ConfigStore `store`."""
+    store.store(group="schemas/serve", name="serve", node=ServeConfig)

@@ -16,8 +16,9 @@ from typing import Any
 import torch
 from safetensors.torch import load, save
 
-from paraflow.adapters import TEXT_ENCODERS, Conditioning, uses_guidance
+from paraflow.families import Conditioning, denoiser_call
 from paraflow.graph import StageEnv
+from paraflow.models.components import TEXT_ENCODERS
 from paraflow.stages.encode import EncodePrompt
 
 SERVICE = "embeddings"  # the StageEnv.services name of the cache
@@ -142,7 +143,8 @@ class CachedEncodePrompt(EncodePrompt):
         if cache is None:
             return super().__call__(env, prompts)
         cfg = env.cfg
-        guidance = uses_guidance(env.pipe, cfg.guidance_scale)
+        call = denoiser_call(env.pipe)
+        guidance = call.family.uses_guidance(call.model.config, cfg.guidance_scale)
         keys = [embedding_key(env, p, guidance) for p in prompts]
         found = {k: cache.get(k) for k in dict.fromkeys(keys)}
         missing = [k for k, v in found.items() if v is None]

@@ -6,6 +6,11 @@ Jobs waiting together with the same shape and settings (Job.batch_key) run as on
 pipeline.max_batch images. Image i of a job starts from the noise of seed + i, as in a run with
 images_per_prompt=n, so a request and `python -m paraflow` with the same prompt, seed, size,
 steps and guidance give the same image (bit-identical alone; in a batch, as a run's batches do).
+
+Edits (an uploaded image, and a mask to inpaint) run the packaged img2img and inpaint pipelines
+over the same loaded models, with the instance's per-stage policies: the job's files are written
+to a folder of its own (Job.inputs) and the run keys image, mask and strength name them, so an
+edit takes the very stages `python -m paraflow pipeline=img2img image=PATH` takes. Edits run alone.
 """
 
 from __future__ import annotations
@@ -20,23 +25,42 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, open_dict
 
-from paraflow.adapters import latent_channels, latent_downsampling
 from paraflow.context import ParallelContext
 from paraflow.errors import ParaflowError
-from paraflow.graph import StageEnv, StageGraph
-from paraflow.models import load_pipeline, scheduler_for
-from paraflow.outputs import OutputSink
-from paraflow.registry import build_strategy
+from paraflow.models import scheduler_for
 from paraflow.serve.embeddings import SERVICE, EmbeddingCache
 from paraflow.serve.jobs import Busy, Cancelled, Job, png
 from paraflow.serve.metrics import InstanceMetrics
 from paraflow.serve.requests import ServedLimits
 from paraflow.serve.stages import SEEDS, serving_stages
+from paraflow.session import Session
 from paraflow.validate import model_factor, resolve_accelerator, validate
 
 SLOW_ENV = "PARAFLOW_SERVE_STEP_DELAY_S"  # tests: make this instance slower by s per step
 PING_S = 5.0  # an idle rank group's heartbeat (well inside launcher.timeout_s)
 PING, STOP = "ping", "stop"
+POLICIES = ("precision", "placement", "offload", "parallel")  # a stage's, kept for edits
+
+
+def edit_pipelines(cfg: DictConfig) -> dict[str, DictConfig]:
+    """The packaged img2img and inpaint pipelines for `cfg`'s instance: its policies on the
+    stages of the same name (an encode offloaded, a decode in bands), the service's stages."""
+    from paraflow.api import compose
+
+    own = cfg.pipeline
+    edits = {}
+    for name in ("img2img", "inpaint"):
+        edit = cfg.copy()
+        with open_dict(edit):
+            edit.pipeline = compose([f"pipeline={name}"]).pipeline
+            edit.pipeline.max_batch, edit.pipeline.progress = own.max_batch, False
+            for stage, spec in edit.pipeline.stages.items():
+                if stage in own.stages:
+                    for policy in POLICIES:
+                        spec[policy] = own.stages[stage].get(policy, spec[policy])
+        serving_stages(edit)
+        edits[name] = edit.pipeline
+    return edits
 
 
 class Engine:
@@ -51,7 +75,8 @@ class Engine:
             self.cfg.launcher.devices = int(cfg.serve.instance.devices)
             self.cfg.launcher.num_nodes = 1
         serving_stages(self.cfg)
-        validate(self.cfg, None)
+        strategy = validate(self.cfg, None)
+        self.edits = edit_pipelines(self.cfg)
         self.metrics = metrics or InstanceMetrics()
         self.device = ctx.device if ctx is not None else torch.device(resolve_accelerator(cfg))
         if ctx is None and cfg.launcher.threads_per_rank is not None:
@@ -60,14 +85,11 @@ class Engine:
         if self.ctx.world_size != int(self.cfg.launcher.devices):
             raise ParaflowError(f"serve.instance.devices={self.cfg.launcher.devices}, but the "
                                 f"instance has {self.ctx.world_size} rank(s)")
-        self.pipe = load_pipeline(cfg.model, cfg.scheduler)
+        self.session = Session(self.ctx, self.cfg, strategy)
+        self.pipe, self.strategy = self.session.pipe, self.session.strategy
         self.schedulers = {name: self._scheduler(s) for name, s in schedulers.items()}
         self.default_scheduler = str(cfg.scheduler.name)
         self.schedulers.setdefault(self.default_scheduler, self.pipe.scheduler)
-        self.strategy = build_strategy(self.cfg.strategy)
-        self.strategy.setup(self.ctx)
-        self.strategy.parallelize(self.pipe, self.ctx)
-        self.graph = StageGraph.from_config(self.cfg.pipeline.stages)
         serve = cfg.serve
         self.cache = EmbeddingCache(int(serve.cache.embeddings), serve.cache.redis_url,
                                     int(serve.cache.redis_ttl_s), self.metrics)
@@ -194,7 +216,8 @@ class Engine:
 
     # --- every rank ------------------------------------------------------------------------
 
-    def run_config(self, job: Job) -> DictConfig:
+    def run_config(self, job: Job, inputs: dict[str, str] | None = None) -> DictConfig:
+        """The run config of `job`; an edit's names its files, `inputs` (Job.inputs)."""
         r = job.request
         cfg = self.cfg.copy()
         with open_dict(cfg):
@@ -202,13 +225,20 @@ class Engine:
             cfg.images_per_prompt, cfg.steps = r.n, r.steps
             cfg.guidance_scale, cfg.seed = r.guidance_scale, job.seed
             cfg.height, cfg.width = job.height, job.width
+            if job.uploads is not None:
+                if not inputs:
+                    raise ValueError("an edit's run config needs its files (Job.inputs)")
+                kind = "img2img" if job.uploads.mask is None else "inpaint"
+                cfg.pipeline = self.edits[kind].copy()
+                cfg.image, cfg.mask = inputs["image"], inputs.get("mask")
+                cfg.strength = getattr(r, "strength", None)
+                cfg.denoising_end = None  # the instance's hand-over (sdxl_refine), not read
             cfg.pipeline.progress = False
         return cfg
 
     def run(self, jobs: list[Job]) -> list[list[bytes]]:
         """One batch of jobs alike (Job.batch_key): each job's PNGs (on rank 0; [] elsewhere)."""
         lead = jobs[0]
-        cfg = self.run_config(lead)
         self.pipe.scheduler = self.schedulers[lead.request.scheduler or self.default_scheduler]
         prompts: list[str] = []
         seeds: dict[int, int] = {}
@@ -218,20 +248,11 @@ class Engine:
                 seeds[len(prompts)] = job.seed + k
                 prompts.append(job.request.prompt)
                 owner.append(j)
-        factor = latent_downsampling(self.pipe)
-        sink = OutputSink((lead.height, lead.width, 3),
-                          (latent_channels(self.pipe), lead.height // factor,
-                           lead.width // factor))
-        env = StageEnv(cfg=cfg, ctx=self.ctx, pipe=self.pipe, strategy=self.strategy, sink=sink,
-                       services={SERVICE: self.cache, SEEDS: seeds})
-        ids = self.strategy.assign_images(len(prompts), self.ctx)
-        env.on_step = self._on_step(jobs)
-        with torch.inference_mode():
-            for first in range(0, len(ids), self.max_batch):
-                chunk = ids[first:first + self.max_batch]
-                self.graph.run(env, {"prompts": [prompts[i] for i in chunk],
-                                     "image_ids": chunk})
-            gathered = self.strategy.gather(sink, self.ctx)
+        with lead.inputs() as inputs:  # an edit's files, removed however it ends
+            done = self.session.generate(self.run_config(lead, inputs), prompts,
+                                         services={SERVICE: self.cache, SEEDS: seeds},
+                                         on_step=self._on_step(jobs))
+        gathered = done.sink
         if not self.ctx.is_main:
             return [[] for _ in jobs]
         self.metrics.images.inc(len(prompts))

@@ -21,7 +21,7 @@ def serve_on_rank(ctx: ParallelContext, cfg: DictConfig) -> None:
 
     from paraflow.serve.app import create_app
     from paraflow.serve.engine import Engine
-    from paraflow.serve.instance import scheduler_configs
+    from paraflow.serve.schedulers import scheduler_configs
 
     engine = Engine(cfg, scheduler_configs(list(cfg.serve.limits.schedulers)), ctx=ctx)
     if not ctx.is_main:

@@ -1,5 +1,6 @@
-"""The request body of `POST /v1/images/generations`: OpenAI's images API (`prompt`, `n`, `size`
-"WxH", `response_format`) plus paraflow's fields, checked before anything reaches a device.
+"""The request bodies of `POST /v1/images/generations` and `/v1/images/edits`: OpenAI's images
+API (`prompt`, `n`, `size` "WxH", `response_format`) plus paraflow's fields, checked before
+anything reaches a device (an edit's uploaded files: uploads.py).
 
 Types, ranges and unknown fields are pydantic's (`extra="forbid"`); what depends on the served
 model and rank group (a size the bands cannot split, a scheduler this instance does not offer) is
@@ -34,6 +35,14 @@ class ImagesRequest(BaseModel):
     stream: bool = False  # server-sent events: one `progress` per step, then `result`
 
 
+class EditRequest(ImagesRequest):
+    """An edit's form fields (multipart: every value arrives as a string). `size` "auto": the
+    uploaded image's size."""
+
+    size: str = "auto"
+    strength: float | None = Field(default=None, gt=0.0, le=1.0)  # None: the pipeline's
+
+
 class RequestError(ValueError):
     """A request that must not run: the field and what is allowed (answered 4xx)."""
 
@@ -49,13 +58,25 @@ def parse(body: Any) -> ImagesRequest:
     try:
         return ImagesRequest.model_validate(body)
     except ValidationError as err:
-        first = err.errors()[0]
-        field = ".".join(str(p) for p in first["loc"]) or "body"
-        message = first["msg"]
-        if first["type"] == "extra_forbidden":
-            allowed = ", ".join(ImagesRequest.model_fields)
-            message = f"unknown field; the fields are: {allowed}"
-        raise RequestError(field, f"{field}: {message}") from None
+        raise _first(err, list(ImagesRequest.model_fields)) from None
+
+
+def parse_form(fields: dict[str, str], files: tuple[str, ...]) -> EditRequest:
+    """An edit's string fields as a request (pydantic's string parsing: "3" is an int, "true"
+    a bool), or RequestError naming the first bad field; `files`: the form's file fields."""
+    try:
+        return EditRequest.model_validate_strings(fields)
+    except ValidationError as err:
+        raise _first(err, [*files, *EditRequest.model_fields]) from None
+
+
+def _first(err: ValidationError, allowed: list[str]) -> RequestError:
+    first = err.errors()[0]
+    field = ".".join(str(p) for p in first["loc"]) or "body"
+    message = first["msg"]
+    if first["type"] == "extra_forbidden":
+        message = f"unknown field; the fields are: {', '.join(allowed)}"
+    return RequestError(field, f"{field}: {message}")
 
 
 @dataclass(frozen=True)

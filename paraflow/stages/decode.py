@@ -4,9 +4,10 @@ from typing import Any
 
 import torch
 
-from paraflow.adapters import latents_to_vae_input
 from paraflow.config import StageParallel
 from paraflow.graph import StageEnv
+from paraflow.plugin import banded_vae
+from paraflow.vae import latents_to_vae_input
 
 
 class Decode:
@@ -19,8 +20,9 @@ class Decode:
     def __call__(self, env: StageEnv, latents: torch.Tensor) -> dict[str, Any]:
         vae = env.pipe.vae
         scaled = latents_to_vae_input(vae, latents.to(env.device, env.dtype))
-        if in_bands(env):
-            pixels = env.strategy.decode_in_bands(vae, scaled, env.ctx)
+        banded = banded_vae(env.strategy)
+        if banded is not None and in_bands(env):
+            pixels = banded.decode_in_bands(vae, scaled, env.ctx)
         else:
             pixels = vae.decode(scaled, return_dict=False)[0]
         return {"pixels": pixels.float()}
@@ -33,4 +35,6 @@ def in_bands(env: StageEnv) -> bool:
     if parallel is StageParallel.auto:
         shared = env.strategy.replicated_latents
         parallel = StageParallel.patch if shared else StageParallel.none
-    return parallel is StageParallel.patch and env.strategy.image_comm(env.ctx).world_size > 1
+    banded = banded_vae(env.strategy)
+    return (parallel is StageParallel.patch and banded is not None
+            and banded.image_comm(env.ctx).world_size > 1)

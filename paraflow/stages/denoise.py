@@ -1,20 +1,17 @@
+"""The denoise stage: the run's schedule, conditioning and hooks around the one loop
+(paraflow/loop.py)."""
+
 from __future__ import annotations
 
 from typing import Any
 
 import torch
-from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 from tqdm.auto import tqdm
 
-from paraflow.adapters import (
-    Conditioning,
-    denoiser,
-    denoiser_forward,
-    uses_guidance,
-    with_embedded_guidance,
-)
 from paraflow.errors import ParaflowError, set_stage
+from paraflow.families import Conditioning, denoiser_call
 from paraflow.graph import StageEnv
+from paraflow.loop import LoopHook, Sampling, Step, denoise
 from paraflow.stages.inpaint import InpaintCondition
 from paraflow.stages.schedule import Schedule, ending_at, full_schedule, handover, starting_at
 
@@ -24,26 +21,98 @@ from paraflow.stages.schedule import Schedule, ending_at, full_schedule, handove
 CHECK_EVERY = 10
 
 
-def check_finite(finite: torch.Tensor, start: int, stop: int, env: StageEnv) -> None:
-    """`finite[i]`: whether the latents after step i were finite. Read steps start..stop-1 (one
-    host sync) and fail naming the first bad step and the mode, instead of writing a black
-    image."""
-    window = finite[start:stop]
-    if bool(window.all()):
-        return
-    first = start + int((~window).nonzero()[0, 0])
-    mode = env.strategy.mode
-    raise ParaflowError(f"NaN/inf in the latents after denoising step {first + 1} of "
-                        f"{env.cfg.steps} (strategy {mode}, {env.cfg.height}x{env.cfg.width},"
-                        f" {env.ctx.world_size} rank(s)); nothing was written")
+class StrategySteps(LoopHook):
+    """The strategy's per-step hook and end of denoising; the step named for failure reports
+    and the communicator's per-step byte counts."""
+
+    def __init__(self, env: StageEnv) -> None:
+        self.env = env
+
+    def before_step(self, step: Step) -> None:
+        set_stage("denoise", step.index + 1, step.count)  # for a failure report
+        self.env.ctx.comm.step = step.index
+        self.env.strategy.on_step(step.index, self.env.ctx)
+
+    def end(self) -> None:
+        set_stage("after denoise")
+        self.env.ctx.comm.step = None
+        self.env.strategy.on_denoise_end(self.env.ctx)  # e.g. free per-run buffers
+
+
+class Blend(LoopHook):
+    """Inpainting with an ordinary UNet: the kept region put back after each step."""
+
+    def __init__(self, inpaint: InpaintCondition, schedule: Schedule) -> None:
+        self.inpaint, self.schedule = inpaint, schedule
+
+    def after_step(self, step: Step, latents: torch.Tensor) -> torch.Tensor:
+        return self.inpaint.after_step(latents, step.index, self.schedule)
+
+
+class FiniteCheck(LoopHook):
+    """Fail naming the first step whose latents hold NaN/inf, instead of writing a black image
+    (recorded on the device, read every CHECK_EVERY steps)."""
+
+    def __init__(self, env: StageEnv, steps: int, device: torch.device) -> None:
+        self.env, self.checked = env, 0
+        self.finite = torch.ones(steps, dtype=torch.bool, device=device)
+
+    def after_step(self, step: Step, latents: torch.Tensor) -> torch.Tensor:
+        self.finite[step.index] = torch.isfinite(latents).all()  # on the device, no sync
+        if step.index + 1 - self.checked >= CHECK_EVERY:
+            self.check(step.index + 1)
+        return latents
+
+    def end(self) -> None:
+        self.check(len(self.finite))
+
+    def check(self, stop: int) -> None:
+        window = self.finite[self.checked:stop]
+        if not bool(window.all()):
+            first = self.checked + int((~window).nonzero()[0, 0])
+            env = self.env
+            raise ParaflowError(f"NaN/inf in the latents after denoising step {first + 1} of "
+                                f"{env.cfg.steps} (strategy {env.strategy.mode}, "
+                                f"{env.cfg.height}x{env.cfg.width}, {env.ctx.world_size} "
+                                "rank(s)); nothing was written")
+        self.checked = stop
+
+
+class Trajectory(LoopHook):
+    """Every step's latents, on the host (save_trajectory)."""
+
+    def __init__(self) -> None:
+        self.kept: list[torch.Tensor] = []
+
+    def after_step(self, step: Step, latents: torch.Tensor) -> torch.Tensor:
+        self.kept.append(latents.cpu())
+        return latents
+
+
+class Progress(LoopHook):
+    """A progress bar on the main rank, and the host application's per-step callback
+    (raising from it stops the run: a service's cancellation)."""
+
+    def __init__(self, env: StageEnv, steps: int) -> None:
+        self.env = env
+        self.bar = tqdm(total=steps, desc="denoise",
+                        disable=not (env.cfg.pipeline.progress and env.ctx.is_main))
+
+    def after_step(self, step: Step, latents: torch.Tensor) -> torch.Tensor:
+        self.bar.update()
+        if self.env.on_step is not None:
+            self.env.on_step(step.index + 1, step.count)
+        return latents
+
+    def end(self) -> None:
+        self.bar.close()
 
 
 class Denoise:
-    """The sampling loop: scheduler steps, classifier-free guidance (rescaled by the run's
-    guidance_rescale), a per-step strategy hook. Without a `schedule` input it runs every step
-    from unit noise; with one (img2img, inpaint) the steps it names, from noised latents. Step
-    0 is the first step run, so a strategy's warm-up counts from there. An `inpaint` input
-    extends each step's denoiser input or blends the kept region back after it. Options
+    """The sampling loop over the run's schedule: without a `schedule` input every step from
+    unit noise; with one (img2img, inpaint) the steps it names, from noised latents. Step 0 is
+    the first step run, so a strategy's warm-up counts from there. An `inpaint` input extends
+    each step's denoiser input or blends the kept region back after it. Options
     `denoising_end` / `denoising_start` cut the schedule where a base hands over to a refiner
     (pipeline=sdxl_refine)."""
 
@@ -53,58 +122,43 @@ class Denoise:
                  schedule: Schedule | None = None,
                  inpaint: InpaintCondition | None = None) -> dict[str, Any]:
         set_stage("denoise")
-        cfg, comm = env.cfg, env.ctx.comm
-        model = denoiser(env.pipe)
-        schedule = schedule or full_schedule(env, initial_latents.shape)
-        start = handover(cfg, env.spec, "denoising_start")
-        if start is not None:  # continues another stage's latents (a refiner)
-            schedule = starting_at(schedule, start)
-        end = handover(cfg, env.spec, "denoising_end")
-        if end is not None:  # hands its latents, still noisy, to another stage
-            schedule = ending_at(schedule, end)
-        scheduler = schedule.scheduler
-        guidance = uses_guidance(env.pipe, cfg.guidance_scale)
-        rescale = float(cfg.get("guidance_rescale") or 0.0)
-        cond = with_embedded_guidance(model, conditioning.to(env.device, env.dtype),
-                                      cfg.guidance_scale, initial_latents.shape[0])
+        cfg = env.cfg
+        call = denoiser_call(env.pipe)
+        family, config = call.family, call.model.config
+        schedule = self.cut(env, schedule or full_schedule(env, initial_latents.shape))
+        guidance = family.uses_guidance(config, cfg.guidance_scale)
+        cond = family.prepare_conditioning(config, conditioning.to(env.device, env.dtype),
+                                           cfg.guidance_scale, initial_latents.shape[0])
         # Unit noise starts at the scheduler's initial sigma (flow matching: 1).
+        scheduler = schedule.scheduler
         sigma = 1.0 if schedule.noised else getattr(scheduler, "init_noise_sigma", 1.0)
         latents = initial_latents.to(env.device).float() * sigma
-        extra = inpaint.extra_input(guidance) if inpaint is not None else None
-        show = cfg.pipeline.progress and env.ctx.is_main
-        trajectory = []
+        sampling = Sampling(
+            call, scheduler, schedule.timesteps, cond,
+            guidance_scale=float(cfg.guidance_scale) if guidance else None,
+            guidance_rescale=float(cfg.get("guidance_rescale") or 0.0),
+            extra_input=inpaint.extra_input(guidance) if inpaint is not None else None,
+            dtype=env.dtype)
         steps = len(schedule.timesteps)
-        finite = torch.ones(steps, dtype=torch.bool, device=latents.device)
-        checked = 0  # steps before this one have been read on the host
-        for step, t in enumerate(tqdm(schedule.timesteps, disable=not show, desc="denoise")):
-            set_stage("denoise", step + 1, steps)  # for a failure report, if this rank dies
-            comm.step = step
-            env.strategy.on_step(step, env.ctx)
-            model_input = torch.cat([latents] * 2) if guidance else latents
-            if hasattr(scheduler, "scale_model_input"):  # flow matching has none
-                model_input = scheduler.scale_model_input(model_input, t)
-            if extra is not None:  # an inpainting UNet's mask and masked-image channels
-                model_input = torch.cat([model_input, extra.to(model_input.dtype)], dim=1)
-            noise = denoiser_forward(model, model_input.to(env.dtype), t, cond).float()
-            if guidance:
-                uncond, text = noise.chunk(2)
-                noise = uncond + cfg.guidance_scale * (text - uncond)
-                if rescale > 0:
-                    noise = rescale_noise_cfg(noise, text, guidance_rescale=rescale)
-            latents = scheduler.step(noise, t, latents, return_dict=False)[0]
-            if inpaint is not None:
-                latents = inpaint.after_step(latents, step, schedule)
-            finite[step] = torch.isfinite(latents).all()  # on the device, no sync
-            if step + 1 - checked >= CHECK_EVERY:
-                check_finite(finite, checked, step + 1, env)
-                checked = step + 1
-            if cfg.save_trajectory:
-                trajectory.append(latents.cpu())
-            if env.on_step is not None:
-                env.on_step(step + 1, steps)
-        check_finite(finite, checked, steps, env)
-        set_stage("after denoise")
-        comm.step = None
-        env.strategy.on_denoise_end(env.ctx)  # e.g. free per-run buffers before decode
-        env.trajectory = torch.stack(trajectory, dim=1) if trajectory else None
+        hooks: list[LoopHook] = [StrategySteps(env)]
+        if inpaint is not None:
+            hooks.append(Blend(inpaint, schedule))
+        hooks.append(FiniteCheck(env, steps, latents.device))
+        trajectory = Trajectory() if cfg.save_trajectory else None
+        hooks += [trajectory] if trajectory is not None else []
+        hooks.append(Progress(env, steps))
+        latents = denoise(latents, sampling, hooks)
+        env.trajectory = (torch.stack(trajectory.kept, dim=1) if trajectory is not None
+                          else None)
         return {"latents": latents}
+
+    @staticmethod
+    def cut(env: StageEnv, schedule: Schedule) -> Schedule:
+        """The part of the schedule this stage runs (a base's or a refiner's)."""
+        start = handover(env.cfg, env.spec, "denoising_start")
+        if start is not None:  # continues another stage's latents (a refiner)
+            schedule = starting_at(schedule, start)
+        end = handover(env.cfg, env.spec, "denoising_end")
+        if end is not None:  # hands its latents, still noisy, to another stage
+            schedule = ending_at(schedule, end)
+        return schedule

@@ -12,11 +12,12 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from omegaconf import DictConfig
 from PIL import Image, UnidentifiedImageError
 
-from paraflow.adapters import latent_downsampling, vae_output_to_latents
 from paraflow.errors import ParaflowError
 from paraflow.graph import StageEnv
+from paraflow.plugin import banded_vae
 from paraflow.stages.decode import in_bands
 from paraflow.stages.latents import draw, image_generators
+from paraflow.vae import latent_downsampling, vae_output_to_latents
 from paraflow.validate import prompts_of
 
 
@@ -126,9 +127,9 @@ def encode_sample(env: StageEnv, pixels: torch.Tensor,
     (`parallel`, as the decode stage reads it)."""
     vae = env.pipe.vae
     pixels = pixels.to(env.device, env.dtype)
-    if in_bands(env):  # the same posterior, each rank encoding a band of rows
-        posterior = DiagonalGaussianDistribution(env.strategy.encode_in_bands(vae, pixels,
-                                                                              env.ctx))
+    banded = banded_vae(env.strategy)
+    if banded is not None and in_bands(env):  # the same posterior, each rank encoding a band
+        posterior = DiagonalGaussianDistribution(banded.encode_in_bands(vae, pixels, env.ctx))
     else:  # one image at a time, as diffusers encodes with a generator per image
         parameters = torch.cat([vae.encode(pixels[i:i + 1]).latent_dist.parameters
                                 for i in range(pixels.shape[0])])

@@ -13,9 +13,10 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
-from paraflow.adapters import configured_denoiser, denoiser_family, inpainting_unet
 from paraflow.errors import ParaflowError
+from paraflow.families import denoiser_call
 from paraflow.graph import StageEnv
+from paraflow.models.configured import configured_family
 from paraflow.stages.image import encode_sample
 from paraflow.stages.latents import NoiseImageLatents, draw, image_generators
 from paraflow.stages.schedule import Schedule, from_strength, full_schedule, run_strength
@@ -61,17 +62,19 @@ class PrepareInpaint:
 
     @staticmethod
     def check(cfg: DictConfig, spec: Any) -> None:
-        family = denoiser_family(configured_denoiser(cfg.model) or {})
-        if family != "unet":
-            raise ParaflowError(f"pipeline={cfg.pipeline.name} needs a UNet model (SD 1.x/2.x, "
-                                f"SDXL); model {cfg.model.name} is a {family} transformer")
+        family = configured_family(cfg.model)
+        if family is not None and not family.can_inpaint:
+            raise ParaflowError(f"pipeline={cfg.pipeline.name} needs a model whose family "
+                                f"inpaints (a UNet: SD 1.x/2.x, SDXL); model {cfg.model.name} "
+                                f"is a {family.name} model")
         NoiseImageLatents.check(cfg, spec)
 
     def __call__(self, env: StageEnv, image: torch.Tensor, mask: torch.Tensor,
                  image_ids: list[int]) -> dict[str, Any]:
         strength = run_strength(env.cfg, env.spec)
         generators = image_generators(env, image_ids)
-        concat = inpainting_unet(env.pipe)
+        call = denoiser_call(env.pipe)
+        concat = call.family.inpainting(call.model.config)
         full = strength == 1.0  # pure noise: the image's latents are not needed to start
         image_latents = None if concat and full else encode_sample(env, image, generators)
         latent_size = (image.shape[-2] // env.pipe.vae_scale_factor,

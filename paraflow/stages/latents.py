@@ -5,14 +5,10 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from paraflow.adapters import (
-    configured_denoiser,
-    denoiser_family,
-    latent_channels,
-    latent_downsampling,
-)
 from paraflow.errors import ParaflowError
+from paraflow.families import latent_shape
 from paraflow.graph import StageEnv
+from paraflow.models.configured import configured_family
 from paraflow.stages.schedule import first_step, from_strength, full_schedule, run_strength
 
 SEEDS = "seeds"  # StageEnv.services: image id -> the seed of its noise (a service's requests)
@@ -46,8 +42,7 @@ class PrepareLatents:
     components = ()
 
     def __call__(self, env: StageEnv, image_ids: list[int]) -> dict[str, Any]:
-        cfg, factor = env.cfg, latent_downsampling(env.pipe)
-        shape = (latent_channels(env.pipe), cfg.height // factor, cfg.width // factor)
+        shape = latent_shape(env.pipe, int(env.cfg.height), int(env.cfg.width))
         return {"initial_latents": draw(image_generators(env, image_ids), shape, env.device)}
 
 
@@ -64,7 +59,8 @@ class NoiseImageLatents:
         if not 0 < strength <= 1:
             raise ParaflowError(f"strength={strength}: must be in (0, 1] (1 noises the image "
                                 "fully; smaller keeps more of it)")
-        flow = denoiser_family(configured_denoiser(cfg.model) or {}) in ("sd3", "flux")
+        family = configured_family(cfg.model)
+        flow = family is not None and family.flow_matching
         if first_step(int(cfg.steps), strength, flow) >= int(cfg.steps):
             raise ParaflowError(f"strength={strength} with steps={cfg.steps} runs no step: "
                                 f"use strength >= {1 / int(cfg.steps):.3g} or more steps")

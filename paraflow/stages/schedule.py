@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from paraflow.adapters import denoiser, set_timesteps
+from paraflow.families import denoiser_call
 from paraflow.graph import StageEnv
 
 
@@ -31,7 +31,9 @@ class Schedule:
 def full_schedule(env: StageEnv, latent_shape: torch.Size | tuple[int, ...]) -> Schedule:
     """Every step of `env.cfg.steps`, as the family's pipeline sets them."""
     scheduler = copy.deepcopy(env.pipe.scheduler)
-    set_timesteps(scheduler, int(env.cfg.steps), env.device, denoiser(env.pipe), latent_shape)
+    call = denoiser_call(env.pipe)
+    call.family.set_timesteps(scheduler, int(env.cfg.steps), env.device, call.model.config,
+                              latent_shape)
     return Schedule(scheduler, scheduler.timesteps)
 
 

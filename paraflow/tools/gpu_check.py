@@ -43,9 +43,9 @@ def _sync(device: torch.device) -> None:
 
 def parity(model: str, size: int, steps: int, device: torch.device) -> dict[str, Any]:
     """paraflow's single-device run against the stock pipeline on the same components."""
-    from paraflow.adapters import is_sdxl
     from paraflow.api import compose
     from paraflow.context import ParallelContext
+    from paraflow.families import denoiser_call
     from paraflow.models import load_pipeline
     from paraflow.run import run_on_rank
     from paraflow.tools.parity import _outputs
@@ -75,7 +75,8 @@ def parity(model: str, size: int, steps: int, device: torch.device) -> dict[str,
     stock_image = (stock * 255).round().astype(np.uint8)
     ours = saved["latents"].float()
     return {"model": model, "size": size, "steps": steps, "precision": half,
-            "sdxl": is_sdxl(pipe), "max_abs_latents": float((ours - latents).abs().max()),
+            "family": denoiser_call(pipe).family.name,
+            "max_abs_latents": float((ours - latents).abs().max()),
             "psnr_image_db": metrics.psnr(image, stock_image, 255.0),
             "paraflow_s": ours_s, "stock_s": stock_s}
 
@@ -84,18 +85,10 @@ def bands(model: str, size: int, device: torch.device, repeats: int = 5) -> list
     """Median time of one denoiser call (UNet or transformer, through the adapter as a run calls
     it) on a band of 1/N of the latent rows, N = 1, 2, 4, 8. The denoiser is built on the meta
     device and given random weights on `device` (no text encoders, no VAE, no CPU copy)."""
-    from paraflow.adapters import (
-        Conditioning,
-        conditioning_extras,
-        configured_latent_downsampling,
-        context_width,
-        denoiser_forward,
-        latent_channels,
-        uses_guidance,
-    )
     from paraflow.api import compose
-    from paraflow.models import denoiser_skeleton
-    from paraflow.models.skeleton import prompt_tokens
+    from paraflow.families import Conditioning, denoiser_call
+    from paraflow.models.configured import configured_latent_downsampling
+    from paraflow.models.skeleton import denoiser_skeleton, prompt_tokens
 
     cfg = compose([f"model={model}"])
     dtype = torch.float16 if device.type == "cuda" else torch.float32
@@ -105,23 +98,25 @@ def bands(model: str, size: int, device: torch.device, repeats: int = 5) -> list
             param.normal_(0.0, 0.02)
     rows = size // configured_latent_downsampling(cfg.model)
     tokens = prompt_tokens(cfg.model)
-    batch = 2 if uses_guidance(net, 5.0) else 1
-    extras = conditioning_extras(net, tokens) or {}
+    call = denoiser_call(net)
+    family, config = call.family, net.config
+    batch = 2 if family.uses_guidance(config, 5.0) else 1
+    extras = family.conditioning_extras(config, tokens) or {}
     added = {k: (torch.ones if k.endswith("mask") else torch.randn)(
         batch, *shape, device=device, dtype=dtype) for k, shape in extras.items()}
-    cond = Conditioning(torch.randn(batch, tokens, context_width(net), device=device,
+    cond = Conditioning(torch.randn(batch, tokens, family.context_width(config), device=device,
                                     dtype=dtype), added or None)
     t = torch.tensor(500.0, device=device)
     out = []
     for n in (1, 2, 4, 8):
-        sample = torch.randn(batch, latent_channels(net), rows // n, rows, device=device,
+        sample = torch.randn(batch, family.latent_channels(config), rows // n, rows, device=device,
                              dtype=dtype)
         times = []
         with torch.inference_mode():
             for _ in range(repeats + 1):  # the first call warms up kernels and allocator
                 _sync(device)
                 start = time.perf_counter()
-                denoiser_forward(net, sample, t, cond)
+                call(sample, t, cond)
                 _sync(device)
                 times.append(time.perf_counter() - start)
         out.append({"bands": n, "band_rows": rows // n, "seconds": statistics.median(times[1:])})

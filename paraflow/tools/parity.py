@@ -9,7 +9,8 @@ the band boundaries (paraflow.metrics.seam_score; the single-device image's scor
 rows beside it), and the per-step drift of the latents against `sync_patch` on the same ranks
 (exact, so drift is what displaced activations cost, step by step). Writes parity.json,
 parity.md, drift.png and, per candidate, the reference, the candidate and their difference side
-by side (compare/NAME.png) into --out.
+by side (compare/NAME.png) into --out; `--figure docs/figures/NAME.md` also writes parity.md's
+table there, under the command line and the commit.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from paraflow import metrics
 from paraflow.api import compose
 from paraflow.errors import ParaflowError
 from paraflow.many import launch_many, prepared
+from paraflow.plugin import parity_reference
 from paraflow.registry import build_strategy
 
 TRACE = ["save_trajectory=true", "pipeline.progress=false"]
@@ -52,7 +54,7 @@ def reference_overrides(overrides: Sequence[str]) -> list[str]:
 def sync_overrides(overrides: Sequence[str], cfg: DictConfig) -> list[str] | None:
     """The same layout under the strategy's exact twin (sync_patch for the patch strategies;
     None when it has none)."""
-    twin = build_strategy(cfg.strategy).exact_twin(cfg)
+    twin = parity_reference(build_strategy(cfg.strategy)).exact_twin(cfg)
     if twin is None:
         return None
     if twin[0] == f"+strategy={cfg.strategy.name}":
@@ -64,7 +66,7 @@ def band_boundaries(cfg: DictConfig, rows: int) -> list[int]:
     """First pixel row of every band but the first, for an image of `rows` pixel rows."""
     from paraflow.validate import model_factor
 
-    bands = build_strategy(cfg.strategy).band_rows(cfg)
+    bands = parity_reference(build_strategy(cfg.strategy)).band_rows(cfg)
     if bands is None:
         return []
     factor = model_factor(cfg.model)
@@ -187,11 +189,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("overrides", nargs="*", help="paraflow overrides of the candidate run")
     parser.add_argument("--vary", action="append", default=[], metavar="KEY=V1,V2")
     parser.add_argument("--out", type=Path, default=Path("parity"))
+    parser.add_argument("--figure", type=Path, help="also write the table here, with the "
+                        "command and the commit (e.g. docs/figures/NAME.md)")
     args = parser.parse_args(argv)
     try:
         rows = compare(candidates_from(args.overrides, args.vary), args.out)
     except (ParaflowError, ConfigCompositionException) as err:
         raise SystemExit(f"paraflow.tools.parity: error: {err}") from None
+    if args.figure is not None:
+        import shlex
+        import sys
+
+        from paraflow.bench.report import write_figure
+
+        given = sys.argv[1:] if argv is None else argv
+        write_figure(args.figure, shlex.join(["python", "-m", "paraflow.tools.parity", *given]),
+                     (args.out / "parity.md").read_text())
     print((args.out / "parity.md").read_text(), end="")
     print(f"written: {args.out}/parity.json, parity.md, drift.png, compare/ ({len(rows)} rows)")
 

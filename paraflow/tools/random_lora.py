@@ -17,7 +17,7 @@ from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig, inject_adapter_in_model
 from peft.utils import get_peft_model_state_dict
 
-from paraflow.adapters import denoiser
+from paraflow.families import denoiser
 
 ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
 

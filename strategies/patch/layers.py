@@ -6,7 +6,7 @@ from collections.abc import Collection
 
 from torch import nn
 
-from paraflow.adapters import patch_embedding, set_self_attention_processors
+from paraflow.families.base import BaseFamily, Family, set_self_attention_processors
 from paraflow.strategies.patch.attention import PatchSelfAttnProcessor
 from paraflow.strategies.patch.bands import conv_halo
 from paraflow.strategies.patch.conv import PatchConv2d
@@ -24,21 +24,28 @@ def reaches_other_rows(conv: nn.Conv2d) -> bool:
                      conv.dilation[0]) != (0, 0)
 
 
-def place_patch_embedding(model: nn.Module, state: PatchState) -> None:
+def place_patch_embedding(model: nn.Module, family: Family, state: PatchState) -> None:
     """A transformer's patch embedding → BandPatchEmbed (true positions for a band); a UNet has
     none."""
-    embed = patch_embedding(model)
-    if embed is not None and not isinstance(embed, BandPatchEmbed):
-        model.pos_embed = BandPatchEmbed(embed, state)
+    embed = family.patch_embedding(model)
+    if embed is None or isinstance(embed, BandPatchEmbed):
+        return
+    name = next(n for n, m in model.named_modules() if m is embed)
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child,
+            BandPatchEmbed(embed, state, family))
 
 
 def swap_patch_layers(model: nn.Module, state: PatchState, prefix: str = "",
                       replicated: Collection[str] = (),
-                      attention: type = PatchSelfAttnProcessor) -> dict[str, int]:
+                      attention: type = PatchSelfAttnProcessor,
+                      family: Family | None = None) -> dict[str, int]:
     """Convolutions that reach other rows → PatchConv2d, GroupNorm → PatchGroupNorm,
     self-attention → `attention` (the patch processor by default). Other convolutions, linear
     layers, LayerNorm and cross-attention stay local. The convolutions named in `replicated`
-    read the model's whole input (state.whole_input)."""
+    read the model's whole input (state.whole_input). `family`: the denoiser's (attention
+    kinds, patch embedding); None for a VAE (plain attention)."""
+    family = family or BaseFamily()
     swaps: list[tuple[str, nn.Module]] = []
     for name, module in model.named_modules():
         if isinstance(module, (PatchConv2d, PatchGroupNorm)):
@@ -53,7 +60,8 @@ def swap_patch_layers(model: nn.Module, state: PatchState, prefix: str = "",
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, wrapper)
     attn = set_self_attention_processors(
-        model, lambda name, module: band_processor(module, attention(state, prefix + name)))
-    place_patch_embedding(model, state)
+        model, lambda name, module: band_processor(family.attention_kind(module),
+                                                   attention(state, prefix + name)))
+    place_patch_embedding(model, family, state)
     convs = sum(isinstance(w, PatchConv2d) for _, w in swaps)
     return {"conv": convs, "groupnorm": len(swaps) - convs, "self_attention": attn}

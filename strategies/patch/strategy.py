@@ -10,15 +10,10 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from paraflow.adapters import (
-    configured_downsampling,
-    denoiser,
-    denoiser_downsampling,
-    replicated_input_convs,
-)
 from paraflow.comm import Communicator
 from paraflow.context import ParallelContext
 from paraflow.errors import ParaflowError
+from paraflow.families import denoiser_call
 from paraflow.mesh import (
     Layout,
     check_cfg_split,
@@ -29,12 +24,12 @@ from paraflow.mesh import (
     replica_comm,
     world_of,
 )
+from paraflow.models.configured import configured_downsampling
 from paraflow.outputs import OutputSink
 from paraflow.strategies.base import ReplicatedModel
 from paraflow.strategies.patch.attention import PatchSelfAttnProcessor
 from paraflow.strategies.patch.bands import band_sizes, check_layout
-from paraflow.strategies.patch.denoiser import Layout as BandLayout
-from paraflow.strategies.patch.denoiser import PatchDenoiserHooks
+from paraflow.strategies.patch.denoiser import BandLayout, PatchDenoiserHooks
 from paraflow.strategies.patch.layers import place_patch_embedding, swap_patch_layers
 from paraflow.strategies.patch.state import GroupNormMode, PatchState
 from paraflow.strategies.replicas import DataReplicas
@@ -127,15 +122,17 @@ class PatchParallel(ReplicatedModel):
     def parallelize(self, pipe: Any, ctx: ParallelContext) -> None:
         if self.state is None or self.layout is None:
             raise RuntimeError("setup() must run before parallelize()")
-        model = denoiser(pipe)
-        self.layout.unit = denoiser_downsampling(model)
+        call = denoiser_call(pipe)
+        model, family = call.model, call.family
+        self.layout.unit = family.downsampling(model.config)
         if self.state.comm.world_size > 1:
             if self.exchange:
-                swap_patch_layers(model, self.state, replicated=replicated_input_convs(model),
-                                  attention=self.attention_processor)
+                swap_patch_layers(model, self.state,
+                                  replicated=family.replicated_input_convs(model),
+                                  attention=self.attention_processor, family=family)
             else:  # bands attend only to themselves, but every token keeps its true position
-                place_patch_embedding(model, self.state)
-        PatchDenoiserHooks(self.state, self.layout).install(model)
+                place_patch_embedding(model, family, self.state)
+        PatchDenoiserHooks(self.state, self.layout).install(call)
 
     def image_comm(self, ctx: ParallelContext) -> Communicator:
         """A data replica's ranks in hybrid layouts, else all."""

@@ -18,12 +18,12 @@ import torch.nn.functional as F
 from diffusers.models.downsampling import Downsample2D
 from torch import nn
 
-from paraflow.adapters import latent_downsampling, vae_decoder
 from paraflow.comm import Communicator
 from paraflow.strategies.patch.bands import BandPlan, band_sizes
 from paraflow.strategies.patch.conv import PatchConv2d
 from paraflow.strategies.patch.layers import swap_patch_layers
 from paraflow.strategies.patch.state import PatchState
+from paraflow.vae import latent_downsampling, vae_decoder
 
 
 class PatchDownsample(nn.Module):

@@ -8,7 +8,6 @@ from typing import Any
 
 @dataclass
 class RoundRobinConfig:
-    _target_: str = "paraflow_round_robin.strategy.RoundRobin"
     name: str = "round_robin"
     reverse: bool = False  # deal from the last rank first
 
