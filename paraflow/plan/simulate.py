@@ -97,14 +97,14 @@ def replay(strategy: Any, ctx: ParallelContext, unet: Any, vae: Any, inputs: Inp
             for k, shape in inputs.added.items()}
         cond = Conditioning(embeds, added)
         initial = torch.empty(images, *inputs.latent, device=meta)  # kept by the stage graph
-        latents = initial * 1.0
+        start = [initial * 1.0]  # handed over, not kept: the loop frees it after the first step
         replayed = planned(strategy).distinct_steps(steps)
+        timesteps = [torch.tensor(500, device=meta)] * len(replayed)
         carry = Carried(live)
-        sampling = Sampling(call, StandInScheduler(),
-                            [torch.tensor(500, device=meta)] * len(replayed), cond,
+        sampling = Sampling(call, StandInScheduler(), timesteps, cond,
                             guidance_scale=5.0 if inputs.guidance else None, dtype=unet_dtype,
                             indices=replayed)
-        latents = denoise(latents, sampling, [StrategyReplay(strategy, ctx), carry])
+        latents = denoise(start.pop(), sampling, [StrategyReplay(strategy, ctx), carry])
         carried = carry.most
         denoise_peak = live.peak
         live.reset_peak()
