@@ -85,5 +85,5 @@ if [ -n "$missing" ] && [ "$require_servers" = true ]; then
   say "--require-servers: ${missing}still missing" >&2
   exit 1
 fi
-say "done. Run the tests (about 35 minutes on 2 cores; -m \"not slow\": about 4):"
+say "done. Run the tests (-m \"not slow\" for the fast tier):"
 echo "  . .venv/bin/activate && python -m pytest -q"
