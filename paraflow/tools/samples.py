@@ -2,7 +2,8 @@
 in one paraflow run and tiled into one PNG, captions listed beside it in a .txt.
 
     python -m paraflow.tools.samples --size 64 --out docs/samples_64.png
-    python -m paraflow.tools.samples --size 256 --count 8 --columns 4 --out docs/samples_256.png   # 4x the native size
+    python -m paraflow.tools.samples --size 256 --count 8 --columns 4 \
+        --out docs/samples_256.png   # 4x the native size
 """
 
 from __future__ import annotations
