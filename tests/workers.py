@@ -39,6 +39,7 @@ def conv_in_after_warmup(ctx: ParallelContext, cfg: DictConfig) -> list[dict[str
     of the current latent, and how far that one-device output is from the same conv over the
     PREVIOUS step's latent (what stale halo rows would be near; must be large, or the test
     could not fail)."""
+    from paraflow.families import Conditioning, denoiser_call
     from paraflow.models import load_pipeline
     from paraflow.registry import build_strategy
 
@@ -46,7 +47,7 @@ def conv_in_after_warmup(ctx: ParallelContext, cfg: DictConfig) -> list[dict[str
     strategy = build_strategy(cfg.strategy)
     strategy.setup(ctx)
     strategy.parallelize(pipe, ctx)
-    unet = pipe.unet
+    unet, call = pipe.unet, denoiser_call(pipe)  # the strategy hooks the call, not the UNet
     outputs: list[torch.Tensor] = []
     unet.conv_in.register_forward_hook(lambda m, a, out: outputs.append(out))
     gen = torch.Generator().manual_seed(0)
@@ -56,7 +57,7 @@ def conv_in_after_warmup(ctx: ParallelContext, cfg: DictConfig) -> list[dict[str
         for step in range(4):
             strategy.on_step(step, ctx)
             sample = torch.randn(2, unet.config.in_channels, 16, 16, generator=gen)
-            unet(sample, 500, encoder_hidden_states=embeds)
+            call(sample, torch.tensor(500), Conditioning(embeds, None))  # as the loop calls it
             plan = strategy.state.plan
             whole = unet.conv_in.conv(sample)[..., plan.start:plan.stop, :]
             stale = (whole - unet.conv_in.conv(previous)[..., plan.start:plan.stop, :]
