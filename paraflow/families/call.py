@@ -11,6 +11,8 @@ import torch
 from torch import nn
 
 from paraflow.families.base import Conditioning, Family
+from paraflow.families.registry import family_of
+from paraflow.vae import latent_downsampling
 
 _CALL = "_paraflow_denoiser_call"  # where a denoiser keeps its one call module
 
@@ -45,8 +47,6 @@ class DenoiserCall(nn.Module):
 
 def denoiser_call(pipe_or_model: Any) -> DenoiserCall:
     """The denoiser's call module, made once (hooks installed on it stay with it)."""
-    from paraflow.families.registry import family_of
-
     model = denoiser(pipe_or_model)
     call = model.__dict__.get(_CALL)
     if call is None:
@@ -82,9 +82,6 @@ def call_latents(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
 
 def latent_shape(pipe: Any, height: int, width: int) -> tuple[int, int, int]:
     """(channels, rows, columns) of one image's latents in `pipe`'s latent space."""
-    from paraflow.families.registry import family_of
-    from paraflow.vae import latent_downsampling
-
     model: Any = denoiser(pipe)
     channels = family_of(model).latent_channels(model.config)
     factor = latent_downsampling(pipe)

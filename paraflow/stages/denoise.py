@@ -145,7 +145,8 @@ class Denoise:
             hooks.append(Blend(inpaint, schedule))
         hooks.append(FiniteCheck(env, steps, latents.device))
         trajectory = Trajectory() if cfg.save_trajectory else None
-        hooks += [trajectory] if trajectory is not None else []
+        if trajectory is not None:
+            hooks.append(trajectory)
         hooks.append(Progress(env, steps))
         latents = denoise(latents, sampling, hooks)
         env.trajectory = (torch.stack(trajectory.kept, dim=1) if trajectory is not None
