@@ -19,6 +19,7 @@ from omegaconf import DictConfig, open_dict
 from paraflow.config import register_configs
 from paraflow.errors import ParaflowError
 from paraflow.launcher import launch
+from paraflow.pool import RankPool
 from paraflow.run import run_on_rank
 from paraflow.validate import validate
 
@@ -41,19 +42,25 @@ def compose(overrides: Sequence[str] = ()) -> DictConfig:
             GlobalHydra.instance().initialize(previous)
 
 
-def generate(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]:
+def generate(cfg: DictConfig, output_dir: str | Path | None = None,
+             ranks: RankPool | None = None) -> dict[str, Any]:
     """Validate `cfg`, start its ranks, and return rank 0's record of the run (what run.json
     holds, plus `images` and `output_dir`). Under torchrun or SLURM, where every rank calls this,
     every rank gets rank 0's record, whose `output_dir` is where rank 0 wrote (each rank's own
     `output_dir` is only a default: rank 0's is the run's). A rank that fails raises RankFailed
-    (paraflow.errors): one line naming the rank, the cause and the stage it was in."""
+    (paraflow.errors): one line naming the rank, the cause and the stage it was in. `ranks`: a
+    RankPool of launcher.devices ranks, kept across calls (paraflow.pool), instead of a launch
+    for this run alone."""
     target = output_dir if output_dir is not None else cfg.output_dir
     if target is None:
         raise ParaflowError("output_dir is not set: pass generate(cfg, output_dir)")
     validate(cfg, target)
     with open_dict(cfg):
         cfg.output_dir = str(Path(target).resolve())
-    result = launch(cfg, run_on_rank, explain=True)
+    if ranks is not None and int(cfg.launcher.devices) > 1:
+        result = ranks.run(run_on_rank, cfg)
+    else:
+        result = launch(cfg, run_on_rank, explain=True)
     if result is None:  # run_on_rank returns None on ranks > 0, but launch hands back rank 0's
         raise RuntimeError("the launch returned no record of the run")
     return result

@@ -18,6 +18,7 @@ from paraflow.config import plain_dict
 from paraflow.context import ParallelContext
 from paraflow.launcher import launch
 from paraflow.memory import track_live_tensors
+from paraflow.pool import RankPools
 from paraflow.run import run_each_on_rank
 from paraflow.validate import validate
 
@@ -45,13 +46,16 @@ def prepared(cfg: DictConfig, output_dir: str | Path) -> DictConfig:
 
 
 def launch_many(cfgs: Sequence[DictConfig], discard_first: bool = False,
-                track_memory: bool = False) -> list[dict[str, Any]]:
+                track_memory: bool = False, pools: RankPools | None = None
+                ) -> list[dict[str, Any]]:
     """Run every config (each with its own output_dir set, see `prepared`); rank 0's records in
     the order given. Configs with the same launcher share a launch. `discard_first`: each launch
     first repeats its first run into `<output_dir>.warmup` and drops it (one-time costs: thread
     pools, allocator growth). `track_memory`: working-memory figures follow live tensors (slower
     allocation; do not time such runs). A one-rank launch runs in this process, so with
-    `track_memory` the allocator setting stays for the rest of it."""
+    `track_memory` the allocator setting stays for the rest of it. `pools`: one-node launches of
+    several ranks run on these kept ranks instead (paraflow.pool; not with `track_memory`, which
+    changes the ranks' allocator for good)."""
     groups: dict[tuple[Any, ...], list[int]] = {}
     for index, cfg in enumerate(cfgs):
         groups.setdefault(_launch_key(cfg), []).append(index)
@@ -61,7 +65,14 @@ def launch_many(cfgs: Sequence[DictConfig], discard_first: bool = False,
         runs = [plain_dict(cfgs[i]) for i in indices]
         if discard_first:
             runs.insert(0, {**runs[0], "output_dir": f"{runs[0]['output_dir']}.warmup"})
-        result = launch(cfgs[indices[0]], functools.partial(worker, runs=runs))
+        first = cfgs[indices[0]]
+        job = functools.partial(worker, runs=runs)
+        pooled = (not track_memory and int(first.launcher.devices) > 1
+                  and int(first.launcher.num_nodes) == 1)
+        if pools is not None and pooled:
+            result = pools.of(int(first.launcher.devices)).run(job, first)
+        else:
+            result = launch(first, job)
         done = list(result or [])[1 if discard_first else 0:]
         for i, record in zip(indices, done):
             records[i] = record

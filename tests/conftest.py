@@ -16,14 +16,22 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from paraflow.api import compose, generate
+from tests.pools import POOLS
 
 REPO = Path(__file__).resolve().parent.parent
 FAST = ["steps=3", "pipeline.progress=false"]
 
 
 def run_paraflow(out_dir: Path, overrides: Sequence[str]) -> dict[str, Any]:
-    """Compose `overrides` (plus the fast defaults) and run: in-process or spawned ranks."""
-    return generate(compose([*FAST, *overrides]), out_dir)
+    """Compose `overrides` (plus the fast defaults) and run: in-process, or on the session's
+    kept ranks (tests/pools.py)."""
+    cfg = compose([*FAST, *overrides])
+    pooled = int(cfg.launcher.devices) > 1 and int(cfg.launcher.num_nodes) == 1
+    return generate(cfg, out_dir, ranks=POOLS.of(int(cfg.launcher.devices)) if pooled else None)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    POOLS.close()  # the kept ranks leave with the session
 
 
 def run_cli(args: Sequence[str], env: dict[str, str] | None = None,

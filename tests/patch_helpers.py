@@ -1,5 +1,6 @@
-"""Shared helpers of the patch-parallel tests: several runs in ONE launch of gloo ranks (a launch
-costs ~10 s of process start-up), and single-device references run in-process."""
+"""Shared helpers of the patch-parallel tests: several runs on the session's kept gloo ranks (a
+launch costs ~10 s of process start-up; tests/pools.py), and single-device references run
+in-process."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from paraflow.context import ParallelContext
 from paraflow.many import launch_many, prepared
 from paraflow.metrics import psnr  # noqa: F401  (the tests' comparison, re-exported)
 from paraflow.run import run_on_rank
+from tests.pools import POOLS
 
 BASE = ["save_latents=true", "pipeline.progress=false", "launcher.threads_per_rank=1"]
 
@@ -26,8 +28,8 @@ def config(overrides: list[str], out: Path) -> DictConfig:
 
 
 def run_many(cfgs: list[DictConfig]) -> list[dict[str, Any]]:
-    """Every config one after another, one launch per rank count; rank 0's records in order."""
-    return launch_many(cfgs)
+    """Every config one after another on the session's kept ranks; rank 0's records in order."""
+    return launch_many(cfgs, pools=POOLS)
 
 
 def run_single(cfg: DictConfig) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from paraflow.launcher import launch
 
 from . import workers
 from .conftest import REPO, read_images, read_latents, run_cli, run_paraflow
+from .pools import run_pooled
 
 pytestmark = pytest.mark.slow  # multi-process launches of whole runs
 
@@ -81,7 +82,7 @@ def test_same_run_twice_is_identical(tmp_path: Path) -> None:
 
 def test_communicator_counts_bytes_per_step() -> None:
     cfg = compose(["launcher.devices=2", "launcher.threads_per_rank=1"])
-    tally = launch(cfg, workers.count_bytes)
+    tally = run_pooled(cfg, workers.count_bytes)
     # all_gather: 10 fp32 × (W-1) = 40; all_reduce: 2·64·(W-1)/W = 64; uneven gather of int64:
     # the size exchange (8 bytes) then the padded piece (max 2 items → 16 bytes).
     assert tally == {0: 40, 1: 64 + 8 + 16}

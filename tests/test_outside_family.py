@@ -6,7 +6,8 @@ One device equals the stock AuraFlowPipeline on the same components (the same co
 within 1e-5 on the final latents); data ×2 equals one device within 1e-4 (a batch of 1 against
 a batch of 2: other CPU kernels); sync_patch ×2 within 1e-5, while naive_patch ×2 (bands that
 attend only to themselves) is at least 1e-4 off, so the check can fail. Every run is a subprocess
-with the scratch folder on PYTHONPATH (nothing is installed into the test's environment)."""
+with the scratch folder on PYTHONPATH (nothing is installed into the test's environment): the
+one-device run through the CLI, the three 2-rank runs in one launch (paraflow.many)."""
 
 from __future__ import annotations
 
@@ -40,6 +41,14 @@ latents = pipe(prompt=list(cfg["prompt"]), height=cfg["height"], width=cfg["widt
                max_sequence_length=cfg["model"]["max_tokens"], output_type="latent").images
 save_file({"latents": latents.contiguous()}, sys.argv[2])
 """
+TWO_RANKS = """
+import json, sys
+from pathlib import Path
+from paraflow.api import compose
+from paraflow.many import launch_many, prepared
+out, run, cases = Path(sys.argv[1]), json.loads(sys.argv[2]), json.loads(sys.argv[3])
+launch_many([prepared(compose([*run, *extra]), out / name) for name, extra in cases.items()])
+"""
 
 
 @pytest.fixture(scope="module")
@@ -61,11 +70,13 @@ def _latents(folder: Path) -> torch.Tensor:
 def runs(family_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One device, data ×2, sync_patch ×2, naive_patch ×2 and the stock pipeline."""
     out = tmp_path_factory.mktemp("runs")
-    for name, extra in (("one", []), ("data", ["+strategy=data", "launcher.devices=2"]),
-                        ("sync", ["+strategy=sync_patch", "launcher.devices=2"]),
-                        ("naive", ["+strategy=naive_patch", "launcher.devices=2"])):
-        proc = _run(family_path, out, "-m", "paraflow", *RUN, *extra, f"output_dir={name}")
-        assert proc.returncode == 0, proc.stderr[-3000:]
+    one = _run(family_path, out, "-m", "paraflow", *RUN, "output_dir=one")
+    assert one.returncode == 0, one.stderr[-3000:]
+    cases = {name: [f"+strategy={strategy}", "launcher.devices=2"]
+             for name, strategy in (("data", "data"), ("sync", "sync_patch"),
+                                    ("naive", "naive_patch"))}
+    two = _run(family_path, out, "-c", TWO_RANKS, str(out), json.dumps(RUN), json.dumps(cases))
+    assert two.returncode == 0, two.stderr[-3000:]
     stock = _run(family_path, out, "-c", STOCK, str(out / "one" / "run.json"),
                  str(out / "stock.safetensors"))
     assert stock.returncode == 0, stock.stderr[-3000:]

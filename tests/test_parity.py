@@ -10,6 +10,7 @@ import pytest
 
 from paraflow.api import compose
 from paraflow.tools.parity import band_boundaries, candidates_from, compare, reference_overrides
+from tests.pools import POOLS
 
 BASE = ["prompt='a green square in the center, white background'", "height=64", "width=64",
         "steps=12", "launcher.devices=2", "launcher.threads_per_rank=1"]
@@ -30,7 +31,7 @@ def test_candidates_and_references_from_overrides() -> None:
 def test_naive_is_far_and_displaced_drifts_only_after_warmup(tmp_path: Path) -> None:
     rows = compare({"naive": [*BASE, "+strategy=naive_patch"],
                     "displaced": [*BASE, "+strategy=displaced_patch", "strategy.warmup_steps=4"]},
-                   tmp_path)
+                   tmp_path, pools=POOLS)
     naive, displaced = rows
     print(json.dumps(rows, indent=1, default=str))
     assert naive["psnr_db"] + 10 < displaced["psnr_db"]

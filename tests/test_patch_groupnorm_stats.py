@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from paraflow.api import compose
-from paraflow.launcher import launch
 from paraflow.strategies.patch.groupnorm import estimate_moments
 from paraflow.strategies.schemas import GroupNormMode
 from tests import workers
+from tests.pools import run_pooled
 
 TOL = 1e-9
 
@@ -98,7 +98,7 @@ def test_sync_and_separate_take_no_previous_statistics() -> None:
 def test_conv_in_is_exact_after_warmup_under_displaced_patch() -> None:
     cfg = compose(["model=tiny_random", "+strategy=displaced_patch", "strategy.warmup_steps=1",
                    "launcher.devices=2", "launcher.threads_per_rank=1"])
-    report = launch(cfg, workers.conv_in_after_warmup)
+    report = run_pooled(cfg, workers.conv_in_after_warmup)
     print("conv_in per step (rank 0):", report)
     for step in report:
         assert step["error"] <= 1e-6

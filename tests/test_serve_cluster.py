@@ -144,13 +144,6 @@ def test_past_the_queue_bound_clients_get_429_and_the_service_recovers(
     assert again.status_code == 200
 
 
-def test_sigterm_stops_every_process(tmp_path: Path) -> None:
-    run = Service(tmp_path / "run", [])
-    run.wait_ready()
-    assert run.stop() == 0
-    assert run.events()[-1]["event"] == "stopped"
-
-
 def _metric(url: str, name: str) -> float:
     text = httpx.get(f"{url}/metrics", timeout=5).text
     return sum(float(line.split()[-1]) for line in text.splitlines()
@@ -194,39 +187,6 @@ def test_a_slow_instance_gets_less_work_than_round_robin_would_give_it(tmp_path:
         for process in processes:
             process.kill()
             process.wait()
-
-
-def test_a_rank_group_instance_equals_one_device_and_comes_back_whole(
-        tmp_path: Path, alone: Any) -> None:
-    group = LocalService(tmp_path / "group", 2, [*MODEL, "+strategy=sync_patch",
-                                                 "launcher.threads_per_rank=1",
-                                                 "serve.restart_backoff_s=0.2"],
-                         cwd=REPO, ranks_per_instance=2)
-    try:
-        group.wait_ready()
-        answers = post_all(group.url, range(4), clients=2)
-        for i, answer in answers.items():
-            assert answer.status_code == 200, answer.text
-            served = images_of(answer.json())[0].astype(int)
-            # sync_patch is exact (latents within 1e-4 of one device): pixels within 1 level
-            assert np.abs(served - alone(i).astype(int)).max() <= 1, i
-        tall = httpx.post(f"{group.url}/v1/images/generations", timeout=120,
-                          json={**body(0), "size": "64x128"})  # another size, no restart
-        assert tall.status_code == 200 and images_of(tall.json())[0].shape == (128, 64, 3)
-        ranks = httpx.get(f"{group.instance_url('i0')}/v1/instance", timeout=5).json()["ranks"]
-        assert len(ranks) == 2
-        os.kill(ranks[1], signal.SIGKILL)  # one rank of the group
-        deadline = time.monotonic() + 60
-        while server_up(group.exporter, "i0") and time.monotonic() < deadline:
-            time.sleep(0.05)  # the whole instance is taken out
-        assert not server_up(group.exporter, "i0")
-        group.wait_ready(timeout_s=180)  # restarted whole, readmitted
-        again = httpx.get(f"{group.instance_url('i0')}/v1/instance", timeout=5).json()["ranks"]
-        assert len(again) == 2 and not set(again) & set(ranks)
-        assert httpx.post(f"{group.url}/v1/images/generations", json=body(1),
-                          timeout=120).status_code == 200
-    finally:
-        group.stop()
 
 
 def test_the_page_in_chromium_shows_progress_the_image_and_the_instances(
@@ -274,10 +234,15 @@ def test_the_page_in_chromium_shows_progress_the_image_and_the_instances(
         browser.quit()
 
 
-def test_large_images_go_to_the_rank_group_small_ones_to_single_devices(tmp_path: Path) -> None:
+def test_large_images_go_to_a_rank_group_that_equals_one_device_and_comes_back_whole(
+        tmp_path: Path, alone: Any) -> None:
+    """One service, one single-device instance (i0) and one 2-rank sync_patch group (L0): large
+    sizes are routed to the group; the group's images equal one device's; a SIGKILL of one of its
+    ranks takes the whole group out, and it is restarted whole and readmitted."""
     routed = LocalService(tmp_path / "routed", 3, [
-        *MODEL, "launcher.threads_per_rank=1", "serve.large.count=1", "serve.large.devices=2",
-        "serve.large.min_pixels=16384", "serve.large.overrides=['+strategy=sync_patch']"], cwd=REPO)
+        *MODEL, "launcher.threads_per_rank=1", "serve.restart_backoff_s=0.2",
+        "serve.large.count=1", "serve.large.devices=2", "serve.large.min_pixels=16384",
+        "serve.large.overrides=['+strategy=sync_patch']"], cwd=REPO)
     try:
         routed.wait_ready()
         assert sorted(routed.servers()) == [("L0", "large"), ("i0", "instances")]
@@ -293,7 +258,31 @@ def test_large_images_go_to_the_rank_group_small_ones_to_single_devices(tmp_path
         made = {name: _metric(routed.instance_url(name), "paraflow_images_total")
                 for name in ("i0", "L0")}
         assert made == {"i0": 6, "L0": 4}, made  # (MODEL: no warm-up image)
-        strategy = httpx.get(f"{routed.instance_url('L0')}/v1/instance").json()["strategy"]
-        assert strategy == "sync_patch"
+        group = routed.instance_url("L0")
+        assert httpx.get(f"{group}/v1/instance").json()["strategy"] == "sync_patch"
+
+        direct = post_all(group, range(4), clients=2)  # the group itself, at the small size
+        for i, answer in direct.items():
+            assert answer.status_code == 200, answer.text
+            served = images_of(answer.json())[0].astype(int)
+            # sync_patch is exact (latents within 1e-4 of one device): pixels within 1 level
+            assert np.abs(served - alone(i).astype(int)).max() <= 1, i
+        ranks = httpx.get(f"{group}/v1/instance", timeout=5).json()["ranks"]
+        assert len(ranks) == 2
+        os.kill(ranks[1], signal.SIGKILL)  # one rank of the group
+        deadline = time.monotonic() + 60
+        while server_up(routed.exporter, "L0", "large") and time.monotonic() < deadline:
+            time.sleep(0.05)  # the whole instance is taken out
+        assert not server_up(routed.exporter, "L0", "large")
+        routed.wait_ready(timeout_s=180)  # restarted whole, readmitted
+        again = httpx.get(f"{routed.instance_url('L0')}/v1/instance", timeout=5).json()["ranks"]
+        assert len(again) == 2 and not set(again) & set(ranks)
+        assert one(6).status_code == 200  # 128x128: the restarted group's
     finally:
         routed.stop()
+
+
+def test_sigterm_stops_every_process(service: Service) -> None:
+    """Last: stops the module's service (Service.stop checks that no child is left)."""
+    assert service.stop() == 0
+    assert service.events()[-1]["event"] == "stopped"

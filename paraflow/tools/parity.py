@@ -35,6 +35,7 @@ from paraflow.api import compose
 from paraflow.errors import ParaflowError
 from paraflow.many import launch_many, prepared
 from paraflow.plugin import parity_reference
+from paraflow.pool import RankPools
 from paraflow.registry import build_strategy
 
 TRACE = ["save_trajectory=true", "pipeline.progress=false"]
@@ -88,9 +89,11 @@ def _side_by_side(reference: np.ndarray, candidate: np.ndarray, path: Path) -> N
     Image.fromarray(np.concatenate([reference, gap, candidate, gap, grey], axis=1)).save(path)
 
 
-def compare(candidates: dict[str, list[str]], out: Path) -> list[dict[str, Any]]:
+def compare(candidates: dict[str, list[str]], out: Path,
+            pools: RankPools | None = None) -> list[dict[str, Any]]:
     """Run every candidate, its one-device reference and its sync_patch twin (each distinct
-    run once; runs of one rank count share a launch) and compare. Returns the table rows."""
+    run once; runs of one rank count share a launch, or run on `pools`' kept ranks) and
+    compare. Returns the table rows."""
     out.mkdir(parents=True, exist_ok=True)
     runs: dict[tuple[str, ...], DictConfig] = {}
 
@@ -106,7 +109,7 @@ def compare(candidates: dict[str, list[str]], out: Path) -> list[dict[str, Any]]
         twin_overrides = sync_overrides(overrides, runs[mine])
         twin = run_key(twin_overrides) if twin_overrides is not None else None
         plan.append((name, mine, run_key(reference_overrides(overrides)), twin))
-    records = dict(zip(runs, launch_many(list(runs.values()))))
+    records = dict(zip(runs, launch_many(list(runs.values()), pools=pools)))
 
     rows = []
     for name, mine, ref, twin in plan:
