@@ -116,13 +116,21 @@ def test_incomplete_and_unsupported_folders(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("args,needle", [
+    (["steps=0"], "steps=0"),
+    (["guidance_scale=-2"], "guidance_scale=-2"),
+    (["model=pretrained", "model.path=/no/such/folder"], "no such folder"),
+])
+def test_bad_input_is_refused(args: list[str], needle: str) -> None:
+    """As the CLI refuses it (test_cli_bad_input: one case of validation's, through the CLI)."""
+    with pytest.raises(ParaflowError, match=needle):
+        validate(compose(args), None)
+
+
+@pytest.mark.parametrize("args,needle", [
     (["+strategy=nonexistent"], "Could not find 'strategy/nonexistent'"),
     (["model=nonexistent"], "Could not find 'model/nonexistent'"),
     (["heigth=64"], "heigth"),
     (["height=65"], "height=65: must be a positive multiple of 4"),
-    (["steps=0"], "steps=0"),
-    (["guidance_scale=-2"], "guidance_scale=-2"),
-    (["model=pretrained", "model.path=/no/such/folder"], "no such folder"),
 ])
 def test_cli_bad_input(args: list[str], needle: str, tmp_path: Path) -> None:
     out = tmp_path / "run"

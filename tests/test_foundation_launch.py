@@ -88,6 +88,22 @@ def test_communicator_counts_bytes_per_step() -> None:
     assert tally == {0: 40, 1: 64 + 8 + 16}
 
 
+def test_kept_ranks_run_many_jobs_and_a_failed_job_ends_them_in_one_line() -> None:
+    """The session's 2-rank pool (tests/pools.py): jobs run on the same processes; a job whose
+    rank exits raises the launcher's line, and the next job gets fresh ranks."""
+    from paraflow.errors import RankFailed
+
+    cfg = compose(["launcher.devices=2", "launcher.threads_per_rank=1", "launcher.timeout_s=20"])
+    pids = run_pooled(cfg, workers.rank_pids)
+    assert len(set(pids)) == 2 and run_pooled(cfg, workers.rank_pids) == pids
+    with pytest.raises(RankFailed) as failed:
+        run_pooled(cfg, workers.exit_on_rank_1)
+    assert str(failed.value) == "rank 1 exited with code 3 during denoise step 2 of 5"
+    assert failed.value.rank == 1
+    fresh = run_pooled(cfg, workers.rank_pids)
+    assert len(set(fresh)) == 2 and not set(fresh) & set(pids)
+
+
 def test_stalled_rank_times_out_instead_of_hanging() -> None:
     cfg = compose(["launcher.devices=2", "launcher.threads_per_rank=1", "launcher.timeout_s=3"])
     start = time.perf_counter()

@@ -84,3 +84,10 @@ def exit_on_rank_1(ctx: ParallelContext, cfg: DictConfig) -> int:
 def big_result(ctx: ParallelContext, cfg: DictConfig) -> bytes:
     """A result far larger than a pipe's buffer (64 KiB), as a benchmark's records are."""
     return bytes([ctx.rank]) * (4 << 20)
+
+
+def rank_pids(ctx: ParallelContext, cfg: DictConfig) -> list[int]:
+    """Every rank's process id (a collective), rank 0's list."""
+    import os
+
+    return [int(p[0]) for p in ctx.comm.all_gather(torch.tensor([os.getpid()]))]
