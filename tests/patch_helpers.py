@@ -58,9 +58,13 @@ Cases = dict[str, tuple[list[str], list[str]]]  # name → (reference, extra par
 
 def run_against_one_device(cases: Cases, devices: int, tmp: Path
                            ) -> dict[str, tuple[dict[str, Any], dict[str, Any]]]:
-    """Every case on `devices` ranks (one launch) and its reference on one device in-process:
-    name → (parallel record, reference record)."""
-    refs = {name: run_single(config(ref, tmp / f"{name}_ref")) for name, (ref, _) in cases.items()}
+    """Every case on `devices` ranks (the session's kept ranks) and its reference on one device
+    in-process, each distinct reference run once: name → (parallel record, reference record)."""
+    distinct: dict[tuple[str, ...], dict[str, Any]] = {}
+    for name, (ref, _) in cases.items():
+        if tuple(ref) not in distinct:
+            distinct[tuple(ref)] = run_single(config(ref, tmp / f"{name}_ref"))
+    refs = {name: distinct[tuple(ref)] for name, (ref, _) in cases.items()}
     cfgs = [config([*ref, *extra, f"launcher.devices={devices}"], tmp / name)
             for name, (ref, extra) in cases.items()]
     return dict(zip(cases, zip(run_many(cfgs), refs.values())))

@@ -124,18 +124,17 @@ def test_failing_rank_takes_the_cli_run_down(tmp_path: Path) -> None:
     assert not (out / "images").exists() and not (out / "run.json").exists()
 
 
-def test_cli_single_run_and_sweep_with_two_ranks(tmp_path: Path) -> None:
-    run = run_cli([*TWO_RANKS, prompt_list(PROMPTS[:2]), "steps=2", "pipeline.progress=false",
-                   f"hydra.run.dir={tmp_path / 'run'}"])
-    assert run.returncode == 0, run.stderr
-    assert len(read_images(tmp_path / "run")) == 2
+def test_cli_sweep_with_two_ranks(tmp_path: Path) -> None:
+    """A Hydra `-m` sweep of 2-rank runs (a single CLI run on 2 ranks: test_patch_config's)."""
     sweep = run_cli(["-m", *TWO_RANKS, prompt_list(PROMPTS[:2]), "steps=2", "seed=0,7",
                      "pipeline.progress=false", f"hydra.sweep.dir={tmp_path / 'sweep'}"])
     assert sweep.returncode == 0, sweep.stderr
     records = [json.loads((tmp_path / "sweep" / j / "run.json").read_text()) for j in "01"]
     assert [r["config"]["seed"] for r in records] == [0, 7]
     assert all(r["world_size"] == 2 and r["images_per_rank"] == [1, 1] for r in records)
-    # Job 0 of the sweep is the same run as the single run above.
+    # Job 0 of the sweep is the same run as the API's with the same overrides.
+    run_paraflow(tmp_path / "run", [*TWO_RANKS, prompt_list(PROMPTS[:2]), "steps=2"])
+    assert len(read_images(tmp_path / "run")) == 2
     for x, y in zip(read_images(tmp_path / "run"), read_images(tmp_path / "sweep" / "0")):
         assert np.array_equal(x, y)
 
