@@ -159,10 +159,10 @@ def launch(cfg: DictConfig, worker: Worker[T], explain: bool = False) -> T:
             process_group_backend="nccl" if accelerator == "cuda" else "gloo",
             timeout=timedelta(seconds=float(cfg.launcher.timeout_s)),
         )
+    spawned = devices * num_nodes > 1 and not external
     fabric = Fabric(accelerator=accelerator, devices=devices, num_nodes=num_nodes,
                     strategy=strategy)
     cfg_dict = plain_dict(cfg)
-    spawned = devices * num_nodes > 1 and not external
     if not explain:
         return _run(fabric, partial(_on_rank, worker=worker, cfg_dict=cfg_dict), spawned)
     if devices * num_nodes == 1:
@@ -197,13 +197,27 @@ def launch(cfg: DictConfig, worker: Worker[T], explain: bool = False) -> T:
                              rank) from err
 
 
+@contextlib.contextmanager
+def _own_rendezvous() -> Iterator[None]:
+    """Fabric writes the address and port it picks for spawned ranks into os.environ and would
+    reuse them for every later launch, and every child process would inherit them; by then a
+    RankPool (paraflow.pool) or another program may hold the port. Take them out again after
+    the launch (those the user set stay)."""
+    set_before = {k for k in ("MASTER_ADDR", "MASTER_PORT") if k in os.environ}
+    try:
+        yield
+    finally:
+        for key in {"MASTER_ADDR", "MASTER_PORT"} - set_before:
+            os.environ.pop(key, None)
+
+
 def _run(fabric: Fabric, on_rank: Callable[..., Any], spawned: bool) -> Any:
     """fabric.launch(on_rank). Spawned ranks hand rank 0's result back in a file: Fabric's
     return queue is read only after every rank has exited, and a result larger than the pipe's
     buffer (a benchmark's many records) would block rank 0's exit forever."""
     if not spawned:
         return fabric.launch(on_rank)
-    with tempfile.TemporaryDirectory(prefix="paraflow-result-") as tmp:
+    with _own_rendezvous(), tempfile.TemporaryDirectory(prefix="paraflow-result-") as tmp:
         result = Path(tmp) / "result.pkl"
         fabric.launch(partial(on_rank, result_file=str(result)))
         return pickle.loads(result.read_bytes())

@@ -91,7 +91,7 @@ class RankPool:
             raise ValueError(f"launcher.devices={cfg.launcher.devices}, "
                              f"num_nodes={cfg.launcher.num_nodes}: this pool runs "
                              f"{self.devices} ranks on one node")
-        conn = self._connection()
+        conn = self._connection(cfg.launcher)
         try:
             conn.send((worker, plain_dict(cfg)))
             status, value = conn.recv()
@@ -119,18 +119,24 @@ class RankPool:
             self._log.close()
         self._process = self._conn = self._log = None
 
-    def _connection(self) -> Connection:
+    def _connection(self, launcher: DictConfig) -> Connection:
+        """The open connection to rank 0, or a fresh pool launched with `launcher` (the first
+        job's launcher keys: timeout, link model, threads)."""
         if self._conn is not None and self.alive:
             return self._conn
         self.close()
         key = os.urandom(16)
         with Listener(("127.0.0.1", 0), authkey=key) as listener:
-            start = {"devices": self.devices, "accelerator": self.accelerator,
-                     "address": listener.address, "authkey": key, "sys_path": sys.path}
+            launch_keys = {**plain_dict(launcher), "accelerator": self.accelerator}
+            start = {"launcher": launch_keys, "address": listener.address, "authkey": key,
+                     "sys_path": sys.path}
             self._log = tempfile.TemporaryFile()
+            # Not this process's rendezvous port (a launch here left it in the environment and
+            # will use it again): the pool's launch picks one free now.
+            env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "MASTER_ADDR")}
             self._process = subprocess.Popen(
                 [sys.executable, "-m", "paraflow.pool"], stdin=subprocess.PIPE,
-                stdout=self._log, stderr=subprocess.STDOUT)
+                stdout=self._log, stderr=subprocess.STDOUT, env=env)
             assert self._process.stdin is not None
             self._process.stdin.write(pickle.dumps(start))
             self._process.stdin.close()
@@ -155,9 +161,9 @@ class RankPool:
         lines = self._log.read().decode(errors="replace").strip().splitlines()
         self._conn = None
         self.close()
-        last = lines[-1] if lines else ""
-        if last.startswith(FAILED):  # "<FAILED> <rank> <the launcher's line>"
-            rank, message = last.removeprefix(FAILED).strip().split(" ", 1)
+        said = [line for line in lines if line.startswith(FAILED)]  # (warnings may follow)
+        if said:  # "<FAILED> <rank> <the launcher's line>"
+            rank, message = said[-1].removeprefix(FAILED).strip().split(" ", 1)
             return RankFailed(message, None if rank == "None" else int(rank))
         return RuntimeError(f"the rank pool stopped (exit {code}):\n" + "\n".join(lines[-30:]))
 
@@ -191,13 +197,11 @@ def _serve_jobs(ctx: ParallelContext, cfg: DictConfig, address: Any, authkey: by
 
 
 def _main() -> None:
-    from paraflow.api import compose
     from paraflow.launcher import launch
 
     start = pickle.loads(sys.stdin.buffer.read())
     sys.path[:] = start["sys_path"]  # the owner's: its workers must import here and in the ranks
-    cfg = compose([f"launcher.devices={start['devices']}",
-                   f"launcher.accelerator={start['accelerator']}"])
+    cfg = OmegaConf.create({"launcher": start["launcher"]})
     try:
         launch(cfg, partial(_serve_jobs, address=start["address"], authkey=start["authkey"]),
                explain=True)
