@@ -1,8 +1,8 @@
 """One rank's session: everything a rank needs, built once — the pipeline and the pipeline's other
 models (pipeline.models), the strategy set up and laid over them, the stage graph — then any
 number of generations through it. A run (run.py) makes one generation and records it; a service
-instance (serve/engine.py) makes one per batch of requests; the planner replays the same strategy
-hooks and loop on meta tensors (plan/)."""
+instance (serve/engine.py) makes one per batch of requests; the planner builds the same session
+over meta modules and replays the same denoise loop through it (plan/rank.py)."""
 
 from __future__ import annotations
 
@@ -41,18 +41,22 @@ class Generated:
     env: StageEnv
 
 
+Loader = Callable[[DictConfig, DictConfig], Any]  # (model config, scheduler config) → pipeline
+
+
 class Session:
     """`cfg`'s pipeline on `ctx`'s rank. `strategy`: one already built from cfg.strategy (the
-    validation's), else built here — once per rank either way."""
+    validation's), else built here — once per rank either way; set up here. `load`: how a
+    model config becomes a pipeline (the planner's loads meta modules: plan/rank.py)."""
 
-    def __init__(self, ctx: ParallelContext, cfg: DictConfig,
-                 strategy: Strategy | None = None) -> None:
+    def __init__(self, ctx: ParallelContext, cfg: DictConfig, strategy: Strategy | None = None,
+                 load: Loader = load_pipeline) -> None:
         self.ctx, self.cfg = ctx, cfg
-        self.pipe = load_pipeline(cfg.model, cfg.scheduler)
+        self.pipe = load(cfg.model, cfg.scheduler)
         self.strategy = strategy or build_strategy(cfg.strategy)
         self.strategy.setup(ctx)
         self.strategy.parallelize(self.pipe, ctx)
-        self.models = {name: load_pipeline(model_cfg, cfg.scheduler)
+        self.models = {name: load(model_cfg, cfg.scheduler)
                        for name, model_cfg in (cfg.pipeline.get("models") or {}).items()}
         for other in self.models.values():
             self.strategy.parallelize(other, ctx)

@@ -1,10 +1,12 @@
-"""One kind of rank (seats with equal keys): its strategy's own parallelize on meta modules, then
-a replay of each pass it makes (simulate.py), giving its weights, its peak working memory and the
-bytes it sends at every step and in the decode."""
+"""One kind of rank (seats with equal keys): the rank's Session (paraflow/session.py: the
+strategy set up and laid over the pipeline, as a run builds it) on meta modules, then a replay of
+each pass it makes through the same denoise loop (simulate.py), giving its weights, its peak
+working memory and the bytes it sends at every step and in the decode."""
 
 from __future__ import annotations
 
 from collections import Counter
+from functools import partial
 from types import SimpleNamespace
 from typing import Any
 
@@ -15,18 +17,28 @@ from torch import nn
 from paraflow.config import StageParallel
 from paraflow.graph import execution_order
 from paraflow.models.skeleton import component_skeleton, denoiser_component
-from paraflow.plan.seats import Seat, set_up
+from paraflow.plan.seats import Seat, fresh
 from paraflow.plan.simulate import Inputs, replay
 from paraflow.plan.weights import Policy, module_bytes
 from paraflow.plugin import banded_vae, planned
+from paraflow.session import Session
 
 
-def _skeleton(cfg: DictConfig, name: str, policies: dict[str, Policy]) -> Any:
-    module = component_skeleton(cfg.model, name)
+def _skeleton(model_cfg: DictConfig, name: str, policies: dict[str, Policy]) -> Any:
+    module = component_skeleton(model_cfg, name)
     if module is None:
-        raise RuntimeError(f"model={cfg.model.name}: no {name} module from its config")
+        raise RuntimeError(f"model={model_cfg.name}: no {name} module from its config")
     dtype = policies.get(name, Policy()).dtype
     return nn.Module.to(module, dtype=dtype)  # nn.Module's: diffusers' warns on every cast
+
+
+def skeleton_pipeline(model_cfg: DictConfig, scheduler_cfg: DictConfig | None,
+                      policies: dict[str, Policy]) -> SimpleNamespace:
+    """What the planner's Session loads: the denoiser and the VAE on the meta device, in the
+    stages' precisions (the text encoders are planned from their weights: planner.py)."""
+    name = denoiser_component(model_cfg)
+    return SimpleNamespace(**{name: _skeleton(model_cfg, name, policies),
+                              "vae": _skeleton(model_cfg, "vae", policies)})
 
 
 def patch_decode_wanted(cfg: DictConfig, strategy: Any) -> bool:
@@ -56,14 +68,14 @@ class RankWork:
         self.per_step, self.decode, self.carried = [0] * steps, 0, 0
         self.peaks = (0, 0)
         self.weights: dict[str, int] = {}
-        strategy, ctx = seat.strategy, seat.ctx
         sizes = Counter(seat.chunks) or Counter({0: 0})  # no images: parallelised all the same
-        for i, (images, count) in enumerate(sizes.items()):
-            if i:  # the replay leaves state behind: each pass size on a fresh set-up
-                strategy, ctx = set_up(cfg, seat.rank)
-            name = denoiser_component(cfg.model)
-            unet, vae = _skeleton(cfg, name, policies), _skeleton(cfg, "vae", policies)
-            strategy.parallelize(SimpleNamespace(**{name: unet, "vae": vae}), ctx)
+        name = denoiser_component(cfg.model)
+        for images, count in sizes.items():
+            # The replay leaves state behind: each pass size in a session of its own.
+            strategy, ctx = fresh(cfg, seat.rank)
+            session = Session(ctx, cfg, strategy, load=partial(skeleton_pipeline,
+                                                               policies=policies))
+            unet, vae = getattr(session.pipe, name), session.pipe.vae
             self.weights = {name: module_bytes(unet, policies.get(name, Policy()).dtype),
                             "vae": module_bytes(vae, policies.get("vae", Policy()).dtype)}
             if not images:

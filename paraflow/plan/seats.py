@@ -35,10 +35,15 @@ def passes(images: int, max_batch: int) -> tuple[int, ...]:
     return tuple(min(max_batch, images - i) for i in range(0, images, max_batch))
 
 
-def set_up(cfg: DictConfig, rank: int) -> tuple[Any, ParallelContext]:
-    """A fresh strategy of `cfg`, set up as rank `rank` of the run."""
+def fresh(cfg: DictConfig, rank: int) -> tuple[Any, ParallelContext]:
+    """A new strategy of `cfg` (not set up yet) and rank `rank`'s planned context."""
     strategy, world = build_strategy(cfg.strategy), world_of(cfg)
-    ctx = planned_context(rank, world, strategy.mesh_layout(world))
+    return strategy, planned_context(rank, world, strategy.mesh_layout(world))
+
+
+def set_up(cfg: DictConfig, rank: int) -> tuple[Any, ParallelContext]:
+    """A new strategy of `cfg`, set up as rank `rank` of the run."""
+    strategy, ctx = fresh(cfg, rank)
     strategy.setup(ctx)
     return strategy, ctx
 
