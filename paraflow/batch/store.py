@@ -1,0 +1,78 @@
+"""A batch job's output folder, written so that a killed job leaves nothing half-written:
+
+    images/NNNNNNN.png          one per row, named by the row's position in the input
+    parts/SHARD-FIRSTROW.parquet the manifest rows of one chunk, written after its images
+    manifest.parquet            every part merged, sorted by row (`merge`, or the last shard)
+    bad_rows.jsonl              rows left out with on_bad_row=skip, with why
+
+Every file is written to a temporary name and renamed. A row is done when a part lists it: a
+resumed job skips those, and remakes (the same image, by its seed) any row whose image was
+written but whose part was not.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+SCHEMA = pa.schema([
+    ("row", pa.int64()), ("line", pa.int64()), ("id", pa.string()), ("prompt", pa.string()),
+    ("negative_prompt", pa.string()), ("seed", pa.int64()), ("height", pa.int64()),
+    ("width", pa.int64()), ("steps", pa.int64()), ("guidance_scale", pa.float64()),
+    ("strength", pa.float64()), ("image", pa.string()), ("mask", pa.string()),
+    ("file", pa.string()), ("seconds", pa.float64()), ("rank", pa.int64()),
+    ("shard", pa.int64()), ("config_hash", pa.string()),
+])
+
+
+def atomic_write(path: Path, write: Any) -> None:
+    """write(temporary path), then rename it onto `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def image_name(row: int) -> str:
+    return f"images/{row:07d}.png"
+
+
+def write_part(out: Path, shard: int, rows: list[dict[str, Any]]) -> None:
+    table = pa.Table.from_pylist(rows, schema=SCHEMA)
+    first = min(r["row"] for r in rows)
+    atomic_write(out / "parts" / f"{shard:04d}-{first:07d}.parquet",
+                 lambda tmp: pq.write_table(table, tmp))
+
+
+def parts(out: Path) -> pa.Table:
+    files = sorted((out / "parts").glob("*.parquet"))
+    if not files:
+        return SCHEMA.empty_table()
+    return pa.concat_tables([pq.read_table(f, schema=SCHEMA) for f in files])
+
+
+def done_rows(out: Path) -> set[int]:
+    return set(parts(out).column("row").to_pylist())
+
+
+def merge(out: Path) -> int:
+    """Every part into manifest.parquet, sorted by row; the number of rows."""
+    table = parts(out).sort_by("row")
+    atomic_write(out / "manifest.parquet", lambda tmp: pq.write_table(table, tmp))
+    return table.num_rows
+
+
+def write_bad_rows(out: Path, bad: list[dict[str, Any]]) -> None:
+    text = "".join(json.dumps(b) + "\n" for b in bad)
+    atomic_write(out / "bad_rows.jsonl", lambda tmp: Path(tmp).write_text(text))
