@@ -85,7 +85,8 @@ def check_output_dir(run_dir: str | Path) -> None:
                             "choose a new output_dir, nothing is overwritten")
 
 
-def _atomic_write(path: Path, write: Any) -> None:
+def atomic_write(path: Path, write: Any) -> None:
+    """write(a temporary path beside `path`), then rename it onto `path`."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
@@ -113,13 +114,13 @@ def write_outputs(run_dir: str | Path, sink: OutputSink, record: dict[str, Any])
             tensors = {"latents": stacked}
             if stacked.dim() == 5:  # a trajectory: (images, steps, C, h, w)
                 tensors = {"latents": stacked[:, -1].clone(), "trajectory": stacked}
-            _atomic_write(run_dir / "latents.safetensors",
+            atomic_write(run_dir / "latents.safetensors",
                           lambda tmp: save_file(tensors, tmp))
         staging.rename(run_dir / "images")
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     record = {**record, "images": names}
-    _atomic_write(run_dir / "run.json",
+    atomic_write(run_dir / "run.json",
                   lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2, default=str)))
     return names

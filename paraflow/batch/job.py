@@ -135,6 +135,8 @@ class Summary:
         text = (f"batch: shard {self.shard}/{self.shards}: {self.made} images made, "
                 f"{self.done_before} already done, {self.bad_rows} bad rows skipped; "
                 f"{self.wall_s:.1f} s, {rate:.2f} images/s on {self.devices} device(s)")
+        if self.generating_s:  # without the launch and the model loading
+            text += f" ({self.made / self.generating_s:.2f} images/s generating)"
         if self.cost_per_image is not None:
             text += f"; {self.cost_per_image:.6f} per image"
         if self.manifest_rows is not None:

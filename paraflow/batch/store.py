@@ -13,13 +13,13 @@ written but whose part was not.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from paraflow import outputs
 
 SCHEMA = pa.schema([
     ("row", pa.int64()), ("line", pa.int64()), ("id", pa.string()), ("prompt", pa.string()),
@@ -32,16 +32,9 @@ SCHEMA = pa.schema([
 
 
 def atomic_write(path: Path, write: Any) -> None:
-    """write(temporary path), then rename it onto `path`."""
+    """write(temporary path), then rename it onto `path` (its folder made first)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    outputs.atomic_write(path, write)
 
 
 def image_name(row: int) -> str:
