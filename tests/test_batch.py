@@ -181,3 +181,32 @@ def test_two_array_tasks_and_a_merge_give_the_same_images(uninterrupted: tuple[P
     got, want = images(out), images(one)
     assert sorted(got) == sorted(want)
     assert all(np.array_equal(got[k], want[k]) for k in want)  # the same path: one device each
+
+
+def test_img2img_rows_equal_runs_of_each_row_alone(tmp_path: Path) -> None:
+    """Rows with their own image and strength (pipeline=img2img) on one device, batches of 1:
+    each image equal, bit for bit (the same path), to `generate` of that row alone."""
+    from paraflow.api import generate
+    from paraflow.batch.job import run_batch
+    from tests.test_pipelines import input_image
+
+    inputs = [input_image(tmp_path / f"in{i}.png", i, (32, 32)) for i in range(3)]
+    records = [{"prompt": "a red circle", "image": str(inputs[0]), "strength": 0.6, "seed": 5},
+               {"prompt": "a blue square", "image": str(inputs[1]), "strength": 0.9},
+               {"prompt": "a green triangle", "image": str(inputs[2]), "strength": 0.6}]
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps(r) + "\n" for r in records))
+    edit = [*RUN, "pipeline=img2img", "pipeline.max_batch=1", "steps=4"]
+    summary = run_batch(compose([*edit, f"output_dir={tmp_path / 'job'}"]), rows)
+    assert summary.made == 3 and summary.manifest_rows == 3
+    table = manifest(tmp_path / "job")
+    assert table.column("strength").to_pylist() == [0.6, 0.9, 0.6]
+    assert table.column("seed").to_pylist() == [5, 1, 2]  # given, else seed 0 + the row
+    got = images(tmp_path / "job")
+    for i, record in enumerate(records):
+        seed = record.get("seed", i)
+        alone = generate(compose([*edit, f"prompt={record['prompt']}", f"image={inputs[i]}",
+                                  f"strength={record['strength']}", f"seed={seed}"]),
+                         tmp_path / f"alone{i}")
+        want = np.asarray(Image.open(tmp_path / f"alone{i}" / alone["images"][0]))
+        assert np.array_equal(got[f"{i:07d}.png"], want), i
