@@ -159,10 +159,10 @@ def launch(cfg: DictConfig, worker: Worker[T], explain: bool = False) -> T:
             process_group_backend="nccl" if accelerator == "cuda" else "gloo",
             timeout=timedelta(seconds=float(cfg.launcher.timeout_s)),
         )
-    spawned = devices * num_nodes > 1 and not external
     fabric = Fabric(accelerator=accelerator, devices=devices, num_nodes=num_nodes,
                     strategy=strategy)
     cfg_dict = plain_dict(cfg)
+    spawned = devices * num_nodes > 1 and not external
     if not explain:
         return _run(fabric, partial(_on_rank, worker=worker, cfg_dict=cfg_dict), spawned)
     if devices * num_nodes == 1:

@@ -115,12 +115,12 @@ def write_outputs(run_dir: str | Path, sink: OutputSink, record: dict[str, Any])
             if stacked.dim() == 5:  # a trajectory: (images, steps, C, h, w)
                 tensors = {"latents": stacked[:, -1].clone(), "trajectory": stacked}
             atomic_write(run_dir / "latents.safetensors",
-                          lambda tmp: save_file(tensors, tmp))
+                         lambda tmp: save_file(tensors, tmp))
         staging.rename(run_dir / "images")
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     record = {**record, "images": names}
     atomic_write(run_dir / "run.json",
-                  lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2, default=str)))
+                 lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2, default=str)))
     return names

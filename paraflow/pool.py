@@ -43,7 +43,7 @@ FAILED = "paraflow-pool: rank failed:"  # the child's last line when a job faile
 
 
 class RankPools:
-    """One RankPool per rank count, started on first use (a test suite's, a benchmark's)."""
+    """One RankPool per rank count, started on first use (a test suite's, a notebook's)."""
 
     def __init__(self, accelerator: str = "auto") -> None:
         self.accelerator = accelerator
@@ -92,15 +92,13 @@ class RankPool:
                              f"num_nodes={cfg.launcher.num_nodes}: this pool runs "
                              f"{self.devices} ranks on one node")
         conn = self._connection(cfg.launcher)
-        try:
+        try:  # a failing rank ends the launch: the connection closes (see _failure)
             conn.send((worker, plain_dict(cfg)))
-            status, value = conn.recv()
+            result = conn.recv()
         except (EOFError, OSError):
             raise self._failure() from None
         self.jobs_run += 1
-        if status != "ok":  # cannot happen: a failing rank ends the launch (see _failure)
-            raise RuntimeError(value)
-        return value
+        return result
 
     def close(self) -> None:
         if self._conn is not None:
@@ -131,8 +129,8 @@ class RankPool:
             start = {"launcher": launch_keys, "address": listener.address, "authkey": key,
                      "sys_path": sys.path}
             self._log = tempfile.TemporaryFile()
-            # Not this process's rendezvous port (a launch here left it in the environment and
-            # will use it again): the pool's launch picks one free now.
+            # Not this process's rendezvous port (a MASTER_PORT set here is what its own
+            # launches use): the pool's launch picks one free now.
             env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "MASTER_ADDR")}
             self._process = subprocess.Popen(
                 [sys.executable, "-m", "paraflow.pool"], stdin=subprocess.PIPE,
@@ -193,7 +191,7 @@ def _serve_jobs(ctx: ParallelContext, cfg: DictConfig, address: Any, authkey: by
         result = worker(fresh, job_cfg)
         dist.barrier(group=control)  # every rank done before the next job
         if conn is not None:
-            conn.send(("ok", result))
+            conn.send(result)
 
 
 def _main() -> None:

@@ -22,7 +22,7 @@ import pytest
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow
-ENTRY_POINTS = ["paraflow.bench", "paraflow.plan", "paraflow.tools.parity",
+ENTRY_POINTS = ["paraflow.bench", "paraflow.batch", "paraflow.plan", "paraflow.tools.parity",
                 "paraflow.tools.plan_check", "paraflow.tools.train", "paraflow.tools.caption_check",
                 "paraflow.tools.samples", "paraflow.serve", "paraflow.serve.instance"]
 
@@ -103,7 +103,12 @@ def test_every_entry_point_starts_from_the_installed_package(installed: Path,
                                         text=True, stdout=subprocess.PIPE,
                                         stderr=subprocess.PIPE)
                for module in ENTRY_POINTS}
-    for module, proc in started.items():
-        out, err = proc.communicate(timeout=300)
-        assert proc.returncode == 0, f"{module}: {err[-2000:]}"
-        assert out.strip(), module
+    try:
+        for module, proc in started.items():
+            out, err = proc.communicate(timeout=300)
+            assert proc.returncode == 0, f"{module}: {err[-2000:]}"
+            assert out.strip(), module
+    finally:  # none left running after a failure
+        for proc in started.values():
+            proc.kill()
+            proc.wait()
