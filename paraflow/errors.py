@@ -84,6 +84,11 @@ def where_now() -> str:
     return _STATE.where()
 
 
+def stage_now() -> str:
+    """The stage this process is in ("denoise"), or was in when it failed."""
+    return _STATE.stage
+
+
 def tracked_rank() -> int | None:
     return _STATE.rank
 

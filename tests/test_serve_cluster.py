@@ -8,6 +8,7 @@ process behind. Everything on loopback, on free ports."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -260,6 +261,9 @@ def test_large_images_go_to_a_rank_group_that_equals_one_device_and_comes_back_w
         assert made == {"i0": 6, "L0": 4}, made  # (MODEL: no warm-up image)
         group = routed.instance_url("L0")
         assert httpx.get(f"{group}/v1/instance").json()["strategy"] == "sync_patch"
+        exported = httpx.get(f"{group}/metrics", timeout=5).text  # each rank's device
+        assert sorted(re.findall(r'paraflow_device_memory_bytes\{[^}]*rank="(\d+)"', exported)
+                      ) == ["0", "1"], exported
 
         direct = post_all(group, range(4), clients=2)  # the group itself, at the small size
         for i, answer in direct.items():

@@ -19,7 +19,9 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
 
 from paraflow.api import compose, generate
 from paraflow.serve.instance import build
@@ -278,6 +280,31 @@ def test_health_readiness_metrics_and_instance(client: TestClient) -> None:
                  "paraflow_images_total", "paraflow_denoise_steps_total",
                  "paraflow_device_memory_bytes"):
         assert name in text, name
+
+
+def test_each_rank_s_device_and_an_out_of_memory_by_stage_are_exported(
+        app: Any, client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    engine = app.state.engine
+
+    def out_of_memory(*args: Any, **kwargs: Any) -> Any:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(engine.pipe.vae, "decode", out_of_memory)
+    answer = client.post(URL, json={"prompt": "x", "steps": 1, "seed": 5})
+    assert answer.status_code == 500 and "out of memory" in answer.json()["error"]["message"]
+    monkeypatch.undo()
+    assert client.post(URL, json={"prompt": "x", "steps": 1, "seed": 5}).status_code == 200
+    scraped = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(client.get("/metrics").text)
+               for s in family.samples}
+    assert scraped[("paraflow_oom_total", (("stage", "decode"),))] == 1
+    cpu = (("device", "cpu"), ("rank", "0"))
+    memory = scraped[("paraflow_device_memory_bytes", cpu)]
+    assert 0 < memory < scraped[("paraflow_device_memory_limit_bytes", cpu)]
+    # No NVML on a CPU: its readings are absent, not zero.
+    assert not [key for key in scraped if key[0] in (
+        "paraflow_device_temperature_celsius", "paraflow_device_power_watts",
+        "paraflow_device_utilization_percent", "paraflow_device_throttled")]
 
 
 def test_a_repeated_prompt_does_not_run_the_text_encoder(app: Any, client: TestClient) -> None:

@@ -26,8 +26,9 @@ import torch
 from omegaconf import DictConfig, open_dict
 
 from paraflow.context import ParallelContext
-from paraflow.errors import ParaflowError
+from paraflow.errors import ParaflowError, stage_now
 from paraflow.models import scheduler_for
+from paraflow.serve import devices
 from paraflow.serve.embeddings import SERVICE, EmbeddingCache
 from paraflow.serve.jobs import Busy, Cancelled, Job, png
 from paraflow.serve.metrics import InstanceMetrics
@@ -61,6 +62,14 @@ def edit_pipelines(cfg: DictConfig) -> dict[str, DictConfig]:
         serving_stages(edit)
         edits[name] = edit.pipeline
     return edits
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """A device (torch's OutOfMemoryError, CUDA or other) or the host (the CPU allocator's
+    RuntimeError) ran out of memory."""
+    text = str(err).lower()
+    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in text \
+        or "can't allocate memory" in text
 
 
 class Engine:
@@ -113,6 +122,7 @@ class Engine:
     # --- the worker thread -----------------------------------------------------------------
 
     def start(self, warmup: bool = True) -> None:
+        self.metrics.record_devices([devices.sample(self.device, self.ctx.rank)])
         self.worker.start()
         if warmup:  # the first call pays one-off costs (allocations, kernel choice)
             from paraflow.serve.requests import ImagesRequest
@@ -183,12 +193,14 @@ class Engine:
                 for job, images in zip(jobs, self.run(jobs)):
                     job.future.set_result(images)
             except Exception as err:  # the batch's failure is its answer; the worker goes on
+                if is_out_of_memory(err):
+                    self.metrics.oom.labels(stage=stage_now()).inc()
                 for job in jobs:
                     job.future.set_exception(err)
             finally:
                 self.running = []
                 self.metrics.in_flight.set(0)
-                self.metrics.sample_device(self.device)
+                self.metrics.record_devices([devices.sample(self.device, 0)])
 
     @staticmethod
     def _starts(job: Job) -> bool:
@@ -197,13 +209,18 @@ class Engine:
         return bool(job.future.set_running_or_notify_cancel())
 
     def _tell_peers(self, message: object) -> None:
+        """Hand `message` to the peers (an all-gather: they read rank 0's); what they send back
+        is their device's sample, so rank 0 exports every rank's device. Idle, every PING_S."""
+        samples = [devices.sample(self.device, 0)]
         if self.ctx.world_size > 1:
-            self.ctx.comm.gather_objects(message)  # an all-gather: the peers read rank 0's
+            samples += self.ctx.comm.gather_objects(message)[1:]
+        self.metrics.record_devices(samples)
 
     def follow(self) -> None:
         """A peer rank: run what rank 0 hands over, until it says stop."""
         while True:
-            message = self.ctx.comm.gather_objects(None)[0]
+            mine = devices.sample(self.device, self.ctx.rank)
+            message = self.ctx.comm.gather_objects(mine)[0]
             if message == STOP:
                 return
             if message == PING:

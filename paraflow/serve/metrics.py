@@ -1,12 +1,13 @@
 """An instance's Prometheus metrics (prometheus_client, one registry per instance so several
 apps can live in one process). Rates (images/s, steps/s) are Prometheus' rate() over the
-counters; the front door's queue and check metrics come from HAProxy's own exporter."""
+counters; the front door's queue and check metrics come from HAProxy's own exporter. Each rank's
+device (devices.py) is labelled by rank and device; deploy/prometheus holds the scrape config,
+alert rules and their tests."""
 
 from __future__ import annotations
 
-import os
+from typing import Any
 
-import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -31,11 +32,24 @@ class InstanceMetrics:
                            registry=r)
         self.errors = Counter("paraflow_errors", "requests that failed, by kind", ["kind"],
                               registry=r)
+        device = ["rank", "device"]  # a rank group's instance exports each rank's device
         self.device_memory = Gauge("paraflow_device_memory_bytes",
-                                   "memory allocated on the instance's device", registry=r)
-        self.gpu_utilization = Gauge("paraflow_gpu_utilization_percent",
-                                     "GPU busy time over NVML's last sample period (CUDA only)",
-                                     registry=r)
+                                   "memory in use on the device (CUDA: reserved by the "
+                                   "allocator; CPU: the rank's resident set)", device, registry=r)
+        self.device_memory_limit = Gauge("paraflow_device_memory_limit_bytes",
+                                         "the device's memory in all", device, registry=r)
+        self.device_utilization = Gauge("paraflow_device_utilization_percent",
+                                        "GPU busy time over NVML's last sample period",
+                                        device, registry=r)
+        self.device_temperature = Gauge("paraflow_device_temperature_celsius",
+                                        "GPU die temperature (NVML)", device, registry=r)
+        self.device_power = Gauge("paraflow_device_power_watts", "GPU board power draw (NVML)",
+                                  device, registry=r)
+        self.device_throttled = Gauge("paraflow_device_throttled",
+                                      "1 while NVML reports this reason holding the clocks down",
+                                      [*device, "reason"], registry=r)
+        self.oom = Counter("paraflow_oom", "out-of-memory failures, by the stage that ran out",
+                           ["stage"], registry=r)
 
     def cache_event(self, result: str, where: str) -> None:
         self.cache.labels(result=result, where=where).inc()
@@ -43,16 +57,15 @@ class InstanceMetrics:
     def redis_up(self, up: bool) -> None:
         self.redis.set(1 if up else 0)
 
-    def sample_device(self, device: torch.device) -> None:
-        if device.type == "cuda":
-            self.device_memory.set(torch.cuda.memory_allocated(device))
-            try:  # torch asks NVML (nvidia-ml-py, in the serve extra)
-                self.gpu_utilization.set(torch.cuda.utilization(device))
-            except Exception:  # no NVML on this host: leave the gauge unset, never fail a request
-                pass
-        else:  # the process' resident set now (Linux), the CPU "device"'s memory
-            try:
-                pages = int(open("/proc/self/statm").read().split()[1])
-            except OSError:
-                return
-            self.device_memory.set(pages * os.sysconf("SC_PAGE_SIZE"))
+    def record_devices(self, samples: list[dict[str, Any]]) -> None:
+        """Every rank's device sample (devices.sample); a reading a sample lacks stays unset."""
+        gauges = {"memory": self.device_memory, "memory_limit": self.device_memory_limit,
+                  "utilization": self.device_utilization,
+                  "temperature": self.device_temperature, "power": self.device_power}
+        for reading in samples:
+            labels = {"rank": str(reading["rank"]), "device": str(reading["device"])}
+            for key, gauge in gauges.items():
+                if key in reading:
+                    gauge.labels(**labels).set(reading[key])
+            for reason, active in reading.get("throttled", {}).items():
+                self.device_throttled.labels(**labels, reason=reason).set(active)
