@@ -22,4 +22,5 @@ def test_gpu_check_quick_on_cpu(tmp_path: Path) -> None:
     assert [case["model"] for case in results["bands"]] == ["tiny_xl_random", "tiny_flux_random"]
     assert all([b["bands"] for b in case["rows"]] == [1, 2, 4, 8] for case in results["bands"])
     assert results["shared"]["ok"] and results["shared"]["max_abs_latents"] <= 1e-4
+    assert results["device"]["device"] == "cpu" and results["device"]["memory"] > 0
     assert "GPU check on CPU" in (tmp_path / "gpu_check.md").read_text()

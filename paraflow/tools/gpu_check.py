@@ -10,7 +10,9 @@
    `flux_arch` and `pixart_sigma_arch` at 2048² (quick: `tiny_xl_random`, `tiny_flux_random` at
    256²), each band's call against the whole image's / N: the compute ceiling of patch
    parallelism (no communication, synchronized timers, median of 5).
-3. shared: `sync_patch` on 2 ranks sharing the one device over gloo with device tensors, against
+3. device: what the service exports of the device (paraflow/serve/devices.py: memory, and
+   NVML's utilization, temperature, power and throttle reasons on CUDA).
+4. shared: `sync_patch` on 2 ranks sharing the one device over gloo with device tensors, against
    one device within 1e-4; if gloo refuses device tensors for a collective, which one.
 
 Writes gpu_check.json and gpu_check.md into --out and prints the table.
@@ -204,6 +206,7 @@ def markdown(results: dict[str, Any]) -> str:
                   "|---|---|---|---|"]
         lines += [f"| {b['bands']} | {b['band_rows']} | {b['seconds']:.4f} | "
                   f"{b['speedup_ceiling']:.2f}× |" for b in case["rows"]]
+    lines += ["", f"The device as the service exports it: {results['device']}"]
     lines += ["", f"2 ranks sharing the device over gloo (sync_patch): {results['shared']}"]
     return "\n".join(lines) + "\n"
 
@@ -231,6 +234,10 @@ def main(argv: list[str] | None = None) -> None:
         results["bands"].append({"model": model, "size": size,
                                  "rows": bands(model, size, device)})
         print(results["bands"][-1], flush=True)
+    from paraflow.serve.devices import sample
+
+    results["device"] = sample(device, 0)
+    print(results["device"], flush=True)
     results["shared"] = shared(device)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "gpu_check.json").write_text(json.dumps(results, indent=2))
