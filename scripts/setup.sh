@@ -2,8 +2,9 @@
 # Set up from a fresh clone, in one command (run from any folder):
 #   bash scripts/setup.sh [--require-servers]
 # 1. the servers the serving tests start on loopback (HAProxy, Redis, Debian's Chromium and its
-#    driver), with apt-get as root or through sudo; without those it says what to install and
-#    goes on (--require-servers, as CI runs it: then it fails at the end);
+#    driver, Prometheus and promtool for deploy/prometheus), with apt-get as root or through
+#    sudo; without those it says what to install and goes on (--require-servers, as CI runs
+#    it: then it fails at the end);
 # 2. .venv (made if absent) with torch 2.13.0, then paraflow and its dev tools under
 #    constraints.txt, which keeps the CPU build of torch. Where pip's sources offer CUDA builds,
 #    point PIP_EXTRA_INDEX_URL at PyTorch's CPU wheel index to get the CPU one; a torch 2.13.0
@@ -22,7 +23,8 @@ done
 say() { echo "setup: $*"; }
 
 # The commands the tests start, and the Debian package of each.
-servers="haproxy:haproxy redis-server:redis-server chromium:chromium chromedriver:chromium-driver"
+servers="haproxy:haproxy redis-server:redis-server chromium:chromium chromedriver:chromium-driver
+prometheus:prometheus promtool:prometheus"
 
 missing_servers() {
   local pair
@@ -31,13 +33,13 @@ missing_servers() {
   done
 }
 
-packages_of() {
+packages_of() {  # each package once (prometheus brings two commands)
   local command pair
   for command in "$@"; do
     for pair in $servers; do
       if [ "${pair%%:*}" = "$command" ]; then echo "${pair#*:}"; fi
     done
-  done
+  done | awk '!seen[$0]++'
 }
 
 missing=$(missing_servers | tr '\n' ' ')

@@ -280,6 +280,7 @@ def test_health_readiness_metrics_and_instance(client: TestClient) -> None:
                  "paraflow_images_total", "paraflow_denoise_steps_total",
                  "paraflow_device_memory_bytes"):
         assert name in text, name
+    assert "paraflow_redis_up" not in text  # no Redis configured: no gauge to alert on
 
 
 def test_each_rank_s_device_and_an_out_of_memory_by_stage_are_exported(

@@ -52,6 +52,8 @@ class EmbeddingCache:
 
             self.redis = redis.Redis.from_url(redis_url, socket_timeout=1.0,
                                               socket_connect_timeout=1.0)
+            if counters is not None:  # exported only where Redis is configured; up until
+                counters.redis_up(True)  # a call fails
 
     def _count(self, event: str, where: str) -> None:
         if self.counters is not None:

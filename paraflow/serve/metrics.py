@@ -28,8 +28,7 @@ class InstanceMetrics:
                                registry=r)
         self.cache = Counter("paraflow_embedding_cache", "prompt embedding lookups",
                              ["result", "where"], registry=r)
-        self.redis = Gauge("paraflow_redis_up", "1 while the shared Redis cache answers",
-                           registry=r)
+        self.redis: Gauge | None = None  # only where a Redis cache is configured (redis_up)
         self.errors = Counter("paraflow_errors", "requests that failed, by kind", ["kind"],
                               registry=r)
         device = ["rank", "device"]  # a rank group's instance exports each rank's device
@@ -55,6 +54,9 @@ class InstanceMetrics:
         self.cache.labels(result=result, where=where).inc()
 
     def redis_up(self, up: bool) -> None:
+        if self.redis is None:
+            self.redis = Gauge("paraflow_redis_up", "1 while the shared Redis cache answers",
+                               registry=self.registry)
         self.redis.set(1 if up else 0)
 
     def record_devices(self, samples: list[dict[str, Any]]) -> None:
