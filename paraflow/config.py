@@ -88,6 +88,21 @@ class LoraConfig:
 
 
 @dataclass
+class AdapterConfig:
+    """A LoRA loaded unfused and off: a generation turns it on by name (the run key `lora`), so
+    one loaded model serves many adapters (a service's requests choose theirs)."""
+
+    name: str = MISSING
+    path: str = MISSING  # as LoraConfig.path
+
+
+@dataclass
+class AdapterChoice:
+    name: str = MISSING  # one of model.adapters
+    scale: float = 1.0
+
+
+@dataclass
 class TinyModelConfig:
     _target_: str = "paraflow.models.tiny.build_tiny"
     name: str = "tiny"
@@ -101,6 +116,7 @@ class TinyModelConfig:
     text_encoder_2: dict[str, Any] = field(default_factory=dict)  # SDXL; empty: as text_encoder
     lora: list[LoraConfig] = field(default_factory=list)  # adapters (paraflow/models/lora.py)
     lora_fuse: bool = False  # merge them into the weights (tensor parallelism needs it)
+    adapters: list[AdapterConfig] = field(default_factory=list)  # switched on by `lora`
 
 
 @dataclass
@@ -121,6 +137,7 @@ class TinyDiTModelConfig:
     clip_2: dict[str, Any] = field(default_factory=dict)  # SD3's second; empty: as clip
     lora: list[LoraConfig] = field(default_factory=list)  # adapters (paraflow/models/lora.py)
     lora_fuse: bool = False  # merge them into the weights (tensor parallelism needs it)
+    adapters: list[AdapterConfig] = field(default_factory=list)  # switched on by `lora`
 
 
 @dataclass
@@ -132,6 +149,7 @@ class PretrainedModelConfig:
     local_files_only: bool = True
     lora: list[LoraConfig] = field(default_factory=list)  # adapters (paraflow/models/lora.py)
     lora_fuse: bool = False  # merge them into the weights (tensor parallelism needs it)
+    adapters: list[AdapterConfig] = field(default_factory=list)  # switched on by `lora`
 
 
 @dataclass
@@ -195,6 +213,7 @@ class RunConfig:
     mask: Any = None  # white: repaint, black: keep
     strength: float | None = None  # how far the image is noised, (0, 1]; null: the pipeline's
     denoising_end: float | None = None  # sdxl_refine: where the base hands over, (0, 1)
+    lora: list[AdapterChoice] = field(default_factory=list)  # model.adapters on, at their scales
     # Generate at the model's nearest trained aspect-ratio bin, then resize and crop to height ×
     # width, as diffusers' PixArt pipelines do (use_resolution_binning); a no-op for models
     # without bins. output_size: set when it applies (the asked size; height/width: the bin).
@@ -211,7 +230,7 @@ class RunConfig:
 
 
 # Model config keys that are not the builder's arguments (applied after it builds the model).
-NOT_BUILD_OPTIONS = ("_target_", "name", "lora", "lora_fuse")
+NOT_BUILD_OPTIONS = ("_target_", "name", "lora", "lora_fuse", "adapters")
 
 
 def build_options(model_cfg: Any) -> tuple[str, dict[str, Any]]:

@@ -18,6 +18,7 @@ from paraflow.context import ParallelContext
 from paraflow.families import latent_shape
 from paraflow.graph import StageEnv, StageGraph
 from paraflow.models import load_pipeline
+from paraflow.models.lora import activate_adapters
 from paraflow.outputs import OutputSink
 from paraflow.plugin import Strategy
 from paraflow.registry import build_strategy
@@ -84,6 +85,7 @@ class Session:
         env = StageEnv(cfg=cfg, ctx=self.ctx, pipe=self.pipe, strategy=self.strategy, sink=sink,
                        models=self.models, services=services or {})
         env.on_step = on_step
+        activate_adapters(self.pipe, self.cfg.model, cfg.get("lora") or [])
         mine = self.strategy.assign_images(len(prompts), self.ctx)
         batch, graph = int(cfg.pipeline.max_batch), self.graph(cfg.pipeline)
         with torch.inference_mode():

@@ -17,7 +17,7 @@ from paraflow.models.configured import (
     configured_family,
     configured_latent_downsampling,
 )
-from paraflow.models.lora import check_loras
+from paraflow.models.lora import check_choice, check_loras
 from paraflow.outputs import check_output_dir
 from paraflow.plugin import Strategy
 from paraflow.registry import build_strategy
@@ -135,6 +135,7 @@ def validate(cfg: DictConfig, output_dir: str | Path | None, devices: bool = Tru
                             "(values <= 1 turn classifier-free guidance off)")
     factor = model_factor(cfg.model)
     check_loras(cfg.model)
+    check_choice(cfg)
     for name, other in (cfg.pipeline.get("models") or {}).items():
         check_loras(other)
         if model_factor(other) != factor:  # one latent tensor goes from one model to the next

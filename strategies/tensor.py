@@ -256,15 +256,17 @@ class TensorStrategy(StrategyBase):
     def validate(self, cfg: DictConfig) -> None:
         """Before any rank starts: the mesh, then the plan against the denoiser built on the
         meta device."""
-        from paraflow.models.lora import lora_entries
+        from paraflow.models.lora import unfused_entries
         from paraflow.models.skeleton import denoiser_skeleton
 
         if self.cfg_split:
             check_cfg_split(cfg)
-        if lora_entries(cfg.model) and not cfg.model.get("lora_fuse"):
+        if unfused_entries(cfg.model):
             raise ParaflowError("strategy=tensor shards plain layers, not unfused LoRA "
-                                "adapters (model.lora): set model.lora_fuse=true to merge them "
-                                "into the weights first")
+                                "adapters: set model.lora_fuse=true to merge model.lora's into "
+                                "the weights; adapters switched per generation (model.adapters, "
+                                "a service's serve.lora) cannot be merged, so they need another "
+                                "strategy")
         world = world_of(cfg)
         layout = self.mesh_layout(world)
         skeleton = denoiser_skeleton(cfg.model)

@@ -70,3 +70,17 @@ def tiny_folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         pipe.save_pretrained(root / name, safe_serialization=True)
         folders[name] = root / name
     return folders
+
+
+@pytest.fixture(scope="session")
+def adapters(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Two random LoRAs of the tiny model, by the names the service tests give them: one on
+    the attention layers, one on the resnets' 3×3 convolutions."""
+    from paraflow.models import load_pipeline
+    from paraflow.tools.random_lora import save_random_lora
+
+    root = tmp_path_factory.mktemp("adapters")
+    return {"ink": save_random_lora(load_pipeline(compose(["model=tiny_random"]).model),
+                                    root / "ink"),
+            "sky": save_random_lora(load_pipeline(compose(["model=tiny_random"]).model),
+                                    root / "sky", targets=["conv1", "conv2"], seed=1)}

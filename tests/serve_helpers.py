@@ -9,10 +9,14 @@ import io
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
+
+from paraflow.api import compose, generate
+from tests.conftest import read_images
 
 # What an instance computes with. A run compared with it bit for bit takes the same thread
 # count: CPU kernels (oneDNN's 1x1 convolutions among them) split their sums by thread, so a
@@ -89,3 +93,17 @@ def serving(app: Any) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+def served_lora(adapters: dict[str, Path]) -> str:
+    return "serve.lora=[" + ",".join(f"{{name:{n},path:'{p}'}}" for n, p in adapters.items()) \
+        + "]"
+
+
+def run_alone(tmp_path: Path, loras: list[tuple[Path, float]], seed: int) -> np.ndarray:
+    """`python -m paraflow` with just these LoRAs loaded (model.lora), the requests' settings."""
+    arg = "model.lora=[" + ",".join(f"{{path:'{p}',scale:{s}}}" for p, s in loras) + "]"
+    out = tmp_path / f"run-{seed}"
+    generate(compose([*COMPUTE, *([arg] if loras else []), "prompt=a red circle", "steps=3",
+                      f"seed={seed}", "pipeline.progress=false"]), out)
+    return read_images(out)[0]

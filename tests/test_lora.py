@@ -5,11 +5,14 @@ within 1e-5 and images within 1 grey level; and the refusals before launch."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
+import torch
 from diffusers import StableDiffusionPipeline
 
 from paraflow.api import compose
+from paraflow.context import ParallelContext
 from paraflow.errors import ParaflowError
 from paraflow.models import load_pipeline
 from paraflow.tools.random_lora import save_random_lora
@@ -87,3 +90,71 @@ def test_bad_loras_are_refused_before_launch(overrides: list[str], needle: str,
 def test_fused_lora_is_accepted_by_tensor(loras: dict[str, Path], tmp_path: Path) -> None:
     validate(compose(["model=tiny_random", lora_arg([(loras["attention"], 1.0)]),
                       "model.lora_fuse=true", "+strategy=tensor", "launcher.devices=2"]), None)
+
+
+def adapters_arg(named: dict[str, Path]) -> str:
+    return "model.adapters=[" + ",".join(f"{{name:{n},path:'{p}'}}" for n, p in named.items()) + "]"
+
+
+def choice_arg(chosen: list[tuple[str, float]]) -> str:
+    return "lora=[" + ",".join(f"{{name:{n},scale:{s}}}" for n, s in chosen) + "]"
+
+
+def test_switched_adapters_equal_the_same_loras_loaded_alone(loras: dict[str, Path],
+                                                             tmp_path: Path) -> None:
+    """One session with two switched adapters, three generations (one on, none, both): each
+    equals a run that loads just those LoRAs (model.lora) or none. The same operations run in
+    both (peft skips an adapter that is off), so the latents are bit-identical."""
+    from paraflow.models.lora import activate_adapters
+    from paraflow.session import Session
+
+    base = ["model=tiny_random", "steps=3", f"prompt='{PROMPT}'", "seed=2", "save_latents=true"]
+    named = {"ink": loras["attention"], "sky": loras["conv"]}
+    cfg = compose([*base, adapters_arg(named)])
+    session = Session(ParallelContext.single(torch.device("cpu")), cfg)
+    cases = {
+        "ink": ([("ink", 0.8)], [(loras["attention"], 0.8)]),
+        "none": ([], []),
+        "both": ([("sky", 0.5), ("ink", 1.2)], [(loras["conv"], 0.5), (loras["attention"], 1.2)]),
+    }
+    for name, (chosen, alone) in cases.items():
+        switched = session.generate(compose([*base, adapters_arg(named), choice_arg(chosen)]),
+                                    [PROMPT], keep_latents=True).sink.latents[0]
+        reference = compose([*base, *([lora_arg(alone)] if alone else [])])
+        loaded = Session(ParallelContext.single(torch.device("cpu")), reference)
+        expected = loaded.generate(reference, [PROMPT], keep_latents=True).sink.latents[0]
+        assert torch.equal(switched, expected), name
+    activate_adapters(session.pipe, cfg.model, [])  # and the plain model is back
+    assert not any(layer.active_adapters for layer in lora_layers(session.pipe.unet)
+                   if not layer.disable_adapters)
+
+
+def lora_layers(module: torch.nn.Module) -> list[Any]:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [m for m in module.modules() if isinstance(m, BaseTunerLayer)]
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    (["{adapters}", "lora=[{name:nope}]"], "lora[0].name=nope: not one of model.adapters "
+                                            "(ink, sky)"),
+    (["lora=[{name:ink}]"], "lora[0].name=ink: not one of model.adapters (none are loaded)"),
+    (["{adapters}", "lora=[{name:ink},{name:ink}]"], "lora[1].name=ink: chosen twice"),
+    (["model.adapters=[{name:lora0,path:'{attention}'}]"], "model.adapters[0].name=lora0: a name"),
+    (["model.adapters=[{name:'a.b',path:'{attention}'}]"], "model.adapters[0].name=a.b: a name"),
+    (["model.adapters=[{name:a,path:'{attention}'},{name:a,path:'{conv}'}]"],
+     "model.adapters[1].name=a: given twice"),
+    (["model.adapters=[{name:a,path:/no/such}]"], "model.adapters[0].path=/no/such: no such"),
+    (["{adapters}", "+strategy=tensor", "launcher.devices=2"],
+     "adapters switched per generation (model.adapters, a service's serve.lora) cannot be"),
+])
+def test_bad_switched_adapters_are_refused_before_launch(overrides: list[str], needle: str,
+                                                         loras: dict[str, Path]) -> None:
+    named = {"ink": loras["attention"], "sky": loras["conv"]}
+    filled = [adapters_arg(named) if o == "{adapters}" else
+              o.replace("{attention}", str(loras["attention"])).replace("{conv}",
+                                                                        str(loras["conv"]))
+              for o in overrides]
+    with pytest.raises(ParaflowError) as error:
+        validate(compose(["model=tiny_random", *filled]), None)
+    assert needle in str(error.value)

@@ -5,6 +5,7 @@ img2img (SD, SDXL, SD3), inpaint (both UNet kinds) and SDXL base + refiner. Late
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -73,14 +74,20 @@ def mask_image(path: Path, size: tuple[int, int] = (64, 64)) -> Path:
 
 def compare(out: Path, pipe: Any, call: dict[str, Any], seeds: list[int]) -> None:
     """paraflow's saved latents and images against `pipe(**call)` with one generator per image
-    (latents within 1e-5, images within 1 grey level)."""
+    (latents within 1e-5, images within 1 grey level), stock on as many threads as the run had
+    (another count sums in another order: an earlier test may have left torch on one)."""
     pipe.set_progress_bar_config(disable=True)
 
     def stock(output_type: str) -> Any:
         generators = [torch.Generator().manual_seed(s) for s in seeds]
         return pipe(**call, generator=generators, output_type=output_type).images
 
-    latents, pixels = stock("latent"), stock("np")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(json.loads((out / "run.json").read_text())["threads_per_rank"])
+    try:
+        latents, pixels = stock("latent"), stock("np")
+    finally:
+        torch.set_num_threads(previous)
     ours = read_latents(out)
     assert ours.shape == latents.shape
     assert torch.allclose(ours, latents, atol=1e-5), (ours - latents).abs().max()

@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 
 from paraflow.api import compose
 from paraflow.errors import ParaflowError
+from paraflow.serve.adapters import check_served_adapters
 from paraflow.serve.supervisor import Supervisor
 
 
@@ -45,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         if shutil.which(binary) is None:
             raise ParaflowError(f"serve.front.binary={binary}: not found; install HAProxy "
                                 "(Debian: apt-get install haproxy)")
+        check_served_adapters(cfg)
         run_dir = Path(cfg.output_dir or f"outputs/serve-{time.strftime('%Y%m%d-%H%M%S')}")
         run_dir.mkdir(parents=True, exist_ok=True)
         supervisor = Supervisor(cfg, overrides, run_dir.resolve())

@@ -256,5 +256,6 @@ def create_app(engine: Engine) -> FastAPI:
                            "max_side": engine.limits.max_side,
                            "max_images": engine.limits.max_images,
                            "max_steps": engine.limits.max_steps,
-                           "schedulers": list(engine.limits.schedulers)}}
+                           "schedulers": list(engine.limits.schedulers)},
+                "lora": list(engine.limits.adapters)}
     return app

@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from paraflow.config import AdapterConfig
+
 
 @dataclass
 class InstanceConfig:
@@ -71,6 +73,8 @@ class ServeConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     front: FrontConfig = field(default_factory=FrontConfig)
     remote: list[str] = field(default_factory=list)  # host:port of instances on other machines
+    # LoRA adapters every instance loads, off until a request names them (adapters.py).
+    lora: list[AdapterConfig] = field(default_factory=list)
     api_key: str | None = None  # clients send `Authorization: Bearer KEY`; None: open
     restart_backoff_s: float = 0.5  # first wait before restarting a crashed instance (doubles)
     restart_backoff_max_s: float = 10.0

@@ -23,12 +23,14 @@ import time
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
+from paraflow import devices
+from paraflow.config import AdapterChoice
 from paraflow.context import ParallelContext
 from paraflow.errors import ParaflowError, stage_now
 from paraflow.models import scheduler_for
-from paraflow.serve import devices
+from paraflow.serve.adapters import with_served_adapters
 from paraflow.serve.embeddings import SERVICE, EmbeddingCache
 from paraflow.serve.jobs import Busy, Cancelled, Job, png
 from paraflow.serve.metrics import InstanceMetrics
@@ -79,7 +81,7 @@ class Engine:
     def __init__(self, cfg: DictConfig, schedulers: dict[str, DictConfig],
                  metrics: InstanceMetrics | None = None,
                  ctx: ParallelContext | None = None) -> None:
-        self.cfg = cfg.copy()
+        self.cfg = with_served_adapters(cfg).copy()
         with open_dict(self.cfg):  # this instance's ranks, not the whole service's
             self.cfg.launcher.devices = int(cfg.serve.instance.devices)
             self.cfg.launcher.num_nodes = 1
@@ -106,7 +108,8 @@ class Engine:
         self.limits = ServedLimits(str(cfg.model.name), model_factor(cfg.model),
                                    int(limits.max_side), int(limits.max_images),
                                    int(limits.max_steps), int(limits.max_prompt_chars),
-                                   tuple(self.schedulers))
+                                   tuple(self.schedulers),
+                                   tuple(str(a.name) for a in serve.get("lora") or []))
         self.jobs: queue.Queue[Job | None] = queue.Queue(maxsize=int(serve.instance.max_queue))
         self.held: collections.deque[Job | None] = collections.deque()  # taken, not batched
         self.max_batch = int(self.cfg.pipeline.max_batch)
@@ -241,6 +244,7 @@ class Engine:
             cfg.prompt, cfg.negative_prompt = r.prompt, r.negative_prompt
             cfg.images_per_prompt, cfg.steps = r.n, r.steps
             cfg.guidance_scale, cfg.seed = r.guidance_scale, job.seed
+            cfg.lora = [OmegaConf.structured(AdapterChoice(c.name, c.scale)) for c in r.lora]
             cfg.height, cfg.width = job.height, job.width
             if job.uploads is not None:
                 if not inputs:

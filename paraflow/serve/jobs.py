@@ -64,11 +64,13 @@ class Job:
     id: str = field(default_factory=lambda: secrets.token_hex(8))
 
     def batch_key(self) -> tuple[Any, ...]:
-        """Jobs with equal keys run as one batch: everything but the prompt, seed and n. An
+        """Jobs with equal keys run as one batch: everything but the prompt, seed and n (the
+        same adapters at the same scales, too: they are switched per batch). An
         edit runs alone (its own image, mask and strength): its key holds its id."""
         r = self.request
         return (self.width, self.height, r.steps, r.guidance_scale, r.scheduler,
-                r.negative_prompt, self.id if self.uploads is not None else None)
+                r.negative_prompt, tuple((c.name, c.scale) for c in r.lora),
+                self.id if self.uploads is not None else None)
 
     def inputs(self) -> contextlib.AbstractContextManager[dict[str, str]]:
         """The job's input files by run key while it runs ({} for a generation)."""

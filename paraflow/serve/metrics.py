@@ -1,8 +1,8 @@
 """An instance's Prometheus metrics (prometheus_client, one registry per instance so several
 apps can live in one process). Rates (images/s, steps/s) are Prometheus' rate() over the
-counters; the front door's queue and check metrics come from HAProxy's own exporter. Each rank's
-device (devices.py) is labelled by rank and device; deploy/prometheus holds the scrape config,
-alert rules and their tests."""
+counters; the front door's queue and check metrics come from HAProxy's own exporter. Each
+rank's device (paraflow/devices.py) is labelled by rank and device; deploy/prometheus holds the
+scrape config, alert rules and their tests."""
 
 from __future__ import annotations
 

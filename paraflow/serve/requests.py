@@ -13,9 +13,18 @@ import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
+
+
+class LoraChoice(BaseModel):
+    """One of the instance's adapters (serve.lora) for this request, at a scale."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    name: str = Field(min_length=1)
+    scale: float = Field(default=1.0, ge=-10.0, le=10.0)  # beyond ±10 is a typo, not a LoRA
 
 
 class ImagesRequest(BaseModel):
@@ -33,6 +42,7 @@ class ImagesRequest(BaseModel):
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
     scheduler: str | None = None  # one of the instance's (serve.limits.schedulers)
     stream: bool = False  # server-sent events: one `progress` per step, then `result`
+    lora: list[LoraChoice] = Field(default_factory=list)  # adapters on for this request
 
 
 class EditRequest(ImagesRequest):
@@ -63,11 +73,26 @@ def parse(body: Any) -> ImagesRequest:
 
 def parse_form(fields: dict[str, str], files: tuple[str, ...]) -> EditRequest:
     """An edit's string fields as a request (pydantic's string parsing: "3" is an int, "true"
-    a bool), or RequestError naming the first bad field; `files`: the form's file fields."""
+    a bool), or RequestError naming the first bad field; `files`: the form's file fields. The
+    form's `lora` is JSON, as a generation's: '[{"name": "ink", "scale": 0.8}]'."""
+    fields = dict(fields)
+    lora = fields.pop("lora", None)
     try:
-        return EditRequest.model_validate_strings(fields)
+        request = EditRequest.model_validate_strings(fields)
     except ValidationError as err:
         raise _first(err, [*files, *EditRequest.model_fields]) from None
+    if lora is not None:
+        try:
+            request.lora = CHOICES.validate_json(lora)
+        except ValidationError as err:
+            first = err.errors()[0]
+            where = ".".join(str(p) for p in ("lora", *first["loc"]))
+            raise RequestError("lora", f"{where}: {first['msg']} (a JSON list of "
+                                       '{"name": ..., "scale": ...})') from None
+    return request
+
+
+CHOICES = TypeAdapter(list[LoraChoice])
 
 
 def _first(err: ValidationError, allowed: list[str]) -> RequestError:
@@ -90,6 +115,7 @@ class ServedLimits:
     max_steps: int
     max_prompt_chars: int
     schedulers: tuple[str, ...]
+    adapters: tuple[str, ...] = ()  # serve.lora's names
 
     def check(self, request: ImagesRequest) -> tuple[int, int]:
         """(width, height) of a request this instance can run, or RequestError."""
@@ -109,6 +135,7 @@ class ServedLimits:
         if request.scheduler is not None and request.scheduler not in self.schedulers:
             raise RequestError("scheduler", f"scheduler={request.scheduler!r}: one of "
                                             f"{', '.join(self.schedulers)}")
+        self._check_lora(request)
         match = SIZE.match(request.size)
         if match is None:
             raise RequestError("size", f"size={request.size!r}: write it WIDTHxHEIGHT, e.g. "
@@ -120,3 +147,13 @@ class ServedLimits:
                                            f"multiple of {self.multiple} from {self.multiple} "
                                            f"to {self.max_side}")
         return width, height
+
+    def _check_lora(self, request: ImagesRequest) -> None:
+        names = [choice.name for choice in request.lora]
+        for index, name in enumerate(names):
+            if name not in self.adapters:
+                known = (f"this instance's adapters are {', '.join(self.adapters)}"
+                         if self.adapters else "this instance loads none (serve.lora)")
+                raise RequestError("lora", f"lora[{index}].name={name!r}: unknown; {known}")
+            if name in names[:index]:
+                raise RequestError("lora", f"lora[{index}].name={name!r}: named twice")

@@ -10,7 +10,7 @@
    `flux_arch` and `pixart_sigma_arch` at 2048² (quick: `tiny_xl_random`, `tiny_flux_random` at
    256²), each band's call against the whole image's / N: the compute ceiling of patch
    parallelism (no communication, synchronized timers, median of 5).
-3. device: what the service exports of the device (paraflow/serve/devices.py: memory, and
+3. device: what the service exports of the device (paraflow/devices.py: memory, and
    NVML's utilization, temperature, power and throttle reasons on CUDA).
 4. shared: `sync_patch` on 2 ranks sharing the one device over gloo with device tensors, against
    one device within 1e-4; if gloo refuses device tensors for a collective, which one.
@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> None:
         results["bands"].append({"model": model, "size": size,
                                  "rows": bands(model, size, device)})
         print(results["bands"][-1], flush=True)
-    from paraflow.serve.devices import sample
+    from paraflow.devices import sample
 
     results["device"] = sample(device, 0)
     print(results["device"], flush=True)

@@ -1,10 +1,11 @@
-"""What each rank's device reports to the instance's metrics: memory in use and in all, and on
-NVIDIA GPUs (NVML, through nvidia-ml-py) utilization, temperature, power and the reasons its
-clocks are held down. Readings a device cannot give are left out, never faked: a CPU "device"
-reports its process' resident memory and the machine's, nothing else.
+"""What each rank's device reports (a service instance's metrics, the GPU check): memory in use
+and in all, and on NVIDIA GPUs (NVML, through nvidia-ml-py, the serve extra's) utilization,
+temperature, power and the reasons its clocks are held down. Readings a device cannot give are
+left out, never faked: a CPU "device" reports its process' resident memory and the machine's,
+nothing else.
 
 A sample is a plain dict, so a rank group's peers can send theirs to rank 0 with the messages
-they already exchange (engine.py), and one instance exports every rank's device."""
+they already exchange (serve/engine.py), and one instance exports every rank's device."""
 
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 
-from paraflow.serve import devices
+from paraflow import devices
 from paraflow.serve.metrics import InstanceMetrics
 
 
