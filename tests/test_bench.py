@@ -65,7 +65,8 @@ def test_grid_lists_baselines_then_layouts() -> None:
 def test_bench_command_writes_table_csv_json_and_plots(tmp_path: Path) -> None:
     out = tmp_path / "grid"
     args = ["sizes=[64]", "ranks=[1,2,3]", "steps=[3]", "strategies=[sync_patch,data,tensor]",
-            "repeats=1", "memory_pass=false", "images_per_prompt=2", f"hydra.run.dir={out}"]
+            "repeats=1", "memory_pass=false", "images_per_prompt=2", "cost.device_hour=3.6",
+            f"hydra.run.dir={out}"]
     proc = subprocess.run([sys.executable, "-m", "paraflow.bench", *args], cwd=REPO, text=True,
                           capture_output=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -78,6 +79,9 @@ def test_bench_command_writes_table_csv_json_and_plots(tmp_path: Path) -> None:
     assert rows[("sync_patch", 2, 1)]["psnr_db"] > 40
     assert rows[("sync_patch", 2, 1)]["bytes_per_step_per_rank"] > 0
     assert rows[("data", 2, 1)]["bytes_per_step_per_rank"] == 0
+    for row in (rows[("single", 1, 1)], rows[("data", 2, 1)]):  # 3.6 per device-hour
+        assert row["cost_per_image"] == pytest.approx(
+            3.6 * row["ranks"] * row["latency_s"] / 3600 / row["images"])
     # The tiny model has 4 attention heads: tensor parallelism over 3 ranks cannot run.
     assert rows[("tensor", 3, 1)]["status"].startswith("skipped: ") and "allows: 1, 2, 4" in \
         rows[("tensor", 3, 1)]["status"]

@@ -176,4 +176,14 @@ def run_grid(bench: DictConfig, out: Path) -> list[dict[str, Any]]:
     for cell in runnable:
         base = Cell("single", 1, int(bench.threads_per_rank), cell.size, cell.steps)
         rows[cell] = summarize(cell, timed[cell], memory.get(cell), timed.get(base))
+        rows[cell]["cost_per_image"] = cost_per_image(rows[cell], bench)
     return [rows[c] for c in grid(bench)]
+
+
+def cost_per_image(row: dict[str, Any], bench: DictConfig) -> float | None:
+    """The price of one image at cost.device_hour per device (a rank is a device): every
+    device of the cell is paid for the whole latency."""
+    price = (bench.get("cost") or {}).get("device_hour")
+    if price is None:
+        return None
+    return float(price) * int(row["ranks"]) * float(row["latency_s"]) / 3600 / int(row["images"])
