@@ -210,3 +210,32 @@ def test_img2img_rows_equal_runs_of_each_row_alone(tmp_path: Path) -> None:
                          tmp_path / f"alone{i}")
         want = np.asarray(Image.open(tmp_path / f"alone{i}" / alone["images"][0]))
         assert np.array_equal(got[f"{i:07d}.png"], want), i
+
+
+def test_latents_per_row_and_webdataset_shards_hold_the_manifest_s_rows(tmp_path: Path) -> None:
+    """save_latents=true writes each row's final latents; webdataset=3 turns the merged rows
+    into tar shards of 3 samples that webdataset itself reads back: each sample's image, latents
+    and manifest row are the row's own files."""
+    import webdataset as wds
+    from safetensors.torch import load_file
+
+    from paraflow.batch.__main__ import main
+
+    out = tmp_path / "job"
+    code = main([f"input={rows_file(tmp_path / 'rows.jsonl', 7)}", f"output_dir={out}",
+                 "webdataset=3", "save_latents=true", *RUN])
+    assert code == 0
+    table = manifest(out).to_pylist()
+    assert [r["latents"] for r in table] == [f"latents/{i:07d}.safetensors" for i in range(7)]
+    shards = sorted((out / "webdataset").glob("*.tar"))
+    assert [s.name for s in shards] == ["000000.tar", "000001.tar", "000002.tar"]
+    samples = list(wds.WebDataset([str(s) for s in shards], shardshuffle=False))
+    assert [s["__key__"] for s in samples] == [f"{i:07d}" for i in range(7)]
+    for sample, row in zip(samples, table):
+        assert json.loads(sample["json"]) == json.loads(json.dumps(row))
+        assert sample["png"] == (out / row["file"]).read_bytes()
+        latents = load_file(str(out / row["latents"]))["latents"]
+        assert latents.shape == (4, 8, 8)  # 32² through the tiny VAE's 4× downsampling
+        assert sample["latents.safetensors"] == (out / row["latents"]).read_bytes()
+    assert main(["merge", f"output_dir={out}", "webdataset=7"]) == 0  # one shard now
+    assert [s.name for s in sorted((out / "webdataset").glob("*.tar"))] == ["000000.tar"]

@@ -1,11 +1,13 @@
 """python -m paraflow.batch input=ROWS output_dir=DIR [on_bad_row=skip] [shard=K shards=N]
-[cost.device_hour=PRICE] [any run override: +strategy=..., launcher.devices=N, steps=...]
-python -m paraflow.batch merge output_dir=DIR
+[cost.device_hour=PRICE] [webdataset=N] [save_latents=true]
+[any run override: +strategy=..., launcher.devices=N, steps=...]
+python -m paraflow.batch merge output_dir=DIR [webdataset=N]
 
 ROWS: a .jsonl, .csv or .parquet file, one image per row: prompt (required), negative_prompt,
 seed, height, width, steps, guidance_scale, strength, image, mask, id. Rerun the same command to
 resume; under a SLURM job array or a Kubernetes Indexed Job each task makes its shard of the rows,
-and the last to finish (or `merge`) writes DIR/manifest.parquet."""
+and the last to finish (or `merge`) writes DIR/manifest.parquet (and with webdataset=N, the images
+as WebDataset tar shards of N samples in DIR/webdataset/)."""
 
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from pathlib import Path
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-OWN = ("input", "on_bad_row", "shard", "shards", "cost.device_hour")
+OWN = ("input", "on_bad_row", "shard", "shards", "cost.device_hour", "webdataset")
 
 
 def main(argv: list[str]) -> int:
@@ -28,13 +30,16 @@ def main(argv: list[str]) -> int:
     own = {a.split("=", 1)[0]: a.split("=", 1)[1] for a in argv if a.split("=", 1)[0] in OWN}
     rest = [a for a in argv[1 if merging else 0:] if a.split("=", 1)[0] not in OWN]
     try:
+        webdataset = int(own["webdataset"]) if "webdataset" in own else None
+        if webdataset is not None and webdataset < 1:
+            raise ParaflowError(f"webdataset={webdataset}: samples per shard, at least 1")
         if merging:
             from paraflow.batch.store import merge
 
             out = next((a.split("=", 1)[1] for a in rest if a.startswith("output_dir=")), None)
             if out is None:
                 raise ParaflowError("merge: pass output_dir=DIR")
-            print(f"batch: manifest.parquet holds {merge(Path(out))} rows")
+            print(f"batch: manifest.parquet holds {merge(Path(out), webdataset)} rows")
             return 0
         from paraflow.api import compose
         from paraflow.batch.job import run_batch
@@ -50,7 +55,7 @@ def main(argv: list[str]) -> int:
             cfg, Path(own["input"]), own.get("on_bad_row") == "skip",
             int(own["shard"]) if "shard" in own else None,
             int(own["shards"]) if "shards" in own else None,
-            float(own["cost.device_hour"]) if "cost.device_hour" in own else None)
+            float(own["cost.device_hour"]) if "cost.device_hour" in own else None, webdataset)
     except (ParaflowError, RankFailed) as err:
         print(f"paraflow.batch: error: {err}", file=sys.stderr)
         return 2 if isinstance(err, ParaflowError) else 1

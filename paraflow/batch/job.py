@@ -16,12 +16,14 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
+from safetensors.torch import save_file
 
 from paraflow.batch.rows import Row, check_rows, read_records, row_config
 from paraflow.batch.store import (
     atomic_write,
     done_rows,
     image_name,
+    latents_name,
     merge,
     write_bad_rows,
     write_part,
@@ -75,7 +77,8 @@ def _manifest_row(row: Row, cfg: DictConfig, rank: int, seconds: float, shard: i
             "width": int(f.get("width", cfg.width)), "steps": int(f.get("steps", cfg.steps)),
             "guidance_scale": float(f.get("guidance_scale", cfg.guidance_scale)),
             "strength": f.get("strength", cfg.strength), "image": f.get("image"),
-            "mask": f.get("mask"), "file": image_name(row.index), "seconds": seconds,
+            "mask": f.get("mask"), "file": image_name(row.index),
+            "latents": latents_name(row.index) if cfg.save_latents else None, "seconds": seconds,
             "rank": rank, "shard": shard, "config_hash": digest}
 
 
@@ -97,7 +100,7 @@ def batch_on_rank(ctx: ParallelContext, cfg: DictConfig, chunks: list[list[Row]]
     for chunk in chunks:
         run = row_config(cfg, chunk)
         start = time.perf_counter()
-        made = session.generate(run, list(run.prompt),
+        made = session.generate(run, list(run.prompt), keep_latents=bool(cfg.save_latents),
                                 services={SEEDS: {i: r.seed for i, r in enumerate(chunk)}})
         seconds = time.perf_counter() - start
         generating += seconds
@@ -108,6 +111,10 @@ def batch_on_rank(ctx: ParallelContext, cfg: DictConfig, chunks: list[list[Row]]
                 pixels = made.sink.images[i]
                 atomic_write(out / image_name(row.index),
                              lambda tmp, p=pixels: Image.fromarray(p).save(tmp, format="PNG"))
+                if cfg.save_latents:
+                    latents = {"latents": made.sink.latents[i].contiguous()}
+                    atomic_write(out / latents_name(row.index),
+                                 lambda tmp, t=latents: save_file(t, tmp))
             write_part(out, shard, [_manifest_row(r, cfg, rank_of.get(i, 0),
                                                   seconds / len(chunk), shard, digest)
                                     for i, r in enumerate(chunk)])
@@ -145,7 +152,8 @@ class Summary:
 
 
 def run_batch(cfg: DictConfig, source: Path, skip_bad: bool = False, shard: int | None = None,
-              shards: int | None = None, device_hour: float | None = None) -> Summary:
+              shards: int | None = None, device_hour: float | None = None,
+              webdataset: int | None = None) -> Summary:
     from paraflow.launcher import launch
 
     out = Path(cfg.output_dir)
@@ -172,5 +180,6 @@ def run_batch(cfg: DictConfig, source: Path, skip_bad: bool = False, shard: int 
     cost = None
     if device_hour is not None and result["images"]:
         cost = device_hour * devices * wall / 3600 / result["images"]
+    manifest = merge(out, webdataset) if finished else None
     return Summary(len(rows), len(bad), shard, shards, len(mine) - len(todo), result["images"],
-                   wall, result["generating_s"], devices, merge(out) if finished else None, cost)
+                   wall, result["generating_s"], devices, manifest, cost)
