@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -183,31 +184,37 @@ def test_two_array_tasks_and_a_merge_give_the_same_images(uninterrupted: tuple[P
     assert all(np.array_equal(got[k], want[k]) for k in want)  # the same path: one device each
 
 
-def test_img2img_rows_equal_runs_of_each_row_alone(tmp_path: Path) -> None:
-    """Rows with their own image and strength (pipeline=img2img) on one device, batches of 1:
+@pytest.mark.parametrize("pipeline", ["img2img", "inpaint"])
+def test_edit_rows_equal_runs_of_each_row_alone(pipeline: str, tmp_path: Path) -> None:
+    """Rows with their own image, strength (and mask, inpainting) on one device, batches of 1:
     each image equal, bit for bit (the same path), to `generate` of that row alone."""
     from paraflow.api import generate
     from paraflow.batch.job import run_batch
-    from tests.test_pipelines import input_image
+    from tests.test_pipelines import input_image, mask_image
 
     inputs = [input_image(tmp_path / f"in{i}.png", i, (32, 32)) for i in range(3)]
-    records = [{"prompt": "a red circle", "image": str(inputs[0]), "strength": 0.6, "seed": 5},
-               {"prompt": "a blue square", "image": str(inputs[1]), "strength": 0.9},
-               {"prompt": "a green triangle", "image": str(inputs[2]), "strength": 0.6}]
+    masks = [mask_image(tmp_path / "mask.png", (32, 32))] * 3 if pipeline == "inpaint" else []
+    records: list[dict[str, Any]] = [
+        {"prompt": "a red circle", "image": str(inputs[0]), "strength": 0.6, "seed": 5},
+        {"prompt": "a blue square", "image": str(inputs[1]), "strength": 0.9},
+        {"prompt": "a green triangle", "image": str(inputs[2]), "strength": 0.6}]
+    for record, mask in zip(records, masks):
+        record["mask"] = str(mask)
     rows = tmp_path / "rows.jsonl"
     rows.write_text("".join(json.dumps(r) + "\n" for r in records))
-    edit = [*RUN, "pipeline=img2img", "pipeline.max_batch=1", "steps=4"]
+    edit = [*RUN, f"pipeline={pipeline}", "pipeline.max_batch=1", "steps=4"]
     summary = run_batch(compose([*edit, f"output_dir={tmp_path / 'job'}"]), rows)
     assert summary.made == 3 and summary.manifest_rows == 3
     table = manifest(tmp_path / "job")
     assert table.column("strength").to_pylist() == [0.6, 0.9, 0.6]
     assert table.column("seed").to_pylist() == [5, 1, 2]  # given, else seed 0 + the row
+    assert table.column("mask").to_pylist() == ([str(m) for m in masks] or [None] * 3)
     got = images(tmp_path / "job")
     for i, record in enumerate(records):
         seed = record.get("seed", i)
-        alone = generate(compose([*edit, f"prompt={record['prompt']}", f"image={inputs[i]}",
-                                  f"strength={record['strength']}", f"seed={seed}"]),
-                         tmp_path / f"alone{i}")
+        keys = [f"{k}={record[k]}" for k in ("prompt", "image", "strength", "mask")
+                if k in record]
+        alone = generate(compose([*edit, *keys, f"seed={seed}"]), tmp_path / f"alone{i}")
         want = np.asarray(Image.open(tmp_path / f"alone{i}" / alone["images"][0]))
         assert np.array_equal(got[f"{i:07d}.png"], want), i
 
