@@ -57,6 +57,21 @@ class DiTArch(str, Enum):
     flux = "flux"
 
 
+class CacheKind(str, Enum):
+    none = "none"
+    first_block = "first_block"  # every family: the first block decides, the rest is reused
+    deepcache = "deepcache"  # UNets: the deep blocks reused between full steps
+
+
+@dataclass
+class CacheOptions:
+    """Each cache kind's options (paraflow/cache: which kind takes which, and the defaults);
+    null: the default."""
+
+    threshold: float | None = None  # first_block: relative change below which it reuses
+    interval: int | None = None  # deepcache: a full step every `interval` steps
+
+
 @dataclass
 class StageConfig:
     _target_: str = MISSING
@@ -68,6 +83,9 @@ class StageConfig:
     parallel: StageParallel = StageParallel.none
     # The stage's own settings (a user-written stage reads its keys from env.spec.options).
     options: dict[str, Any] = field(default_factory=dict)
+    # A step cache (denoise stages: paraflow/cache), and its options.
+    cache: CacheKind = CacheKind.none
+    cache_options: CacheOptions = field(default_factory=lambda: CacheOptions())
 
 
 @dataclass

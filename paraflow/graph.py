@@ -59,6 +59,21 @@ class Stage(Protocol):
 
 
 @dataclass
+class DenoiserCalls:
+    """What the denoise stages of a generation did, step by step: full denoiser calls, and the
+    steps a step cache reused (paraflow/cache; run.json's denoiser_calls)."""
+
+    full: int = 0
+    reused: list[int] = field(default_factory=list)
+
+    def record(self, step: int, reused: bool) -> None:
+        if reused:
+            self.reused.append(step)
+        else:
+            self.full += 1
+
+
+@dataclass
 class StageEnv:
     """What every stage may read: the run config, the rank, the model and the strategy."""
 
@@ -70,6 +85,7 @@ class StageEnv:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     dtype: torch.dtype = torch.float32  # set from the running stage's policy
     spec: Any = None  # the running stage's config (StageConfig)
+    stage: str = ""  # and its name in pipeline.stages
     seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     # The latents after every denoising step, (batch, steps, C, h, w), when save_trajectory.
     trajectory: torch.Tensor | None = None
@@ -82,6 +98,7 @@ class StageEnv:
     # The pipeline's other models by name (pipeline.models); a stage with options.model=NAME
     # sees that one as `pipe` while it runs.
     models: dict[str, Any] = field(default_factory=dict)
+    denoiser_calls: DenoiserCalls = field(default_factory=DenoiserCalls)
 
 
 @dataclass
@@ -144,7 +161,7 @@ class StageGraph:
                    if getattr(env.pipe, c, None) is not None]
         inputs = {p: values[v] for v, p in map(input_binding, node.spec.inputs)}
         start = time.perf_counter()
-        env.spec = node.spec
+        env.spec, env.stage = node.spec, node.name
         set_stage(node.name)  # what a failure of this rank reports (paraflow/errors.py)
         with applied_policy(node.spec, modules, env.ctx.device) as (env.device, env.dtype):
             outputs = node.stage(env, **inputs)

@@ -115,6 +115,13 @@ class ParityReference(Protocol):
     def band_rows(self, cfg: DictConfig) -> list[int] | None: ...
 
 
+def image_ranks(strategy: Strategy, ctx: ParallelContext) -> Communicator | None:
+    """The ranks that work on the same images as this one (StrategyBase.shared_image_comm);
+    None where this rank's images are its own."""
+    shared = getattr(strategy, "shared_image_comm", None)
+    return shared(ctx) if shared is not None else None
+
+
 def banded_vae(strategy: Strategy) -> BandedVAE | None:
     """The strategy's VAE in bands, if it has one."""
     return strategy if isinstance(strategy, BandedVAE) else None
@@ -168,6 +175,11 @@ class StrategyBase(PlannedDefaults, NoParity):
 
     name = "base"
     replicated_latents = False  # set when every rank holds the whole latent of its images
+
+    def shared_image_comm(self, ctx: ParallelContext) -> Communicator | None:
+        """The ranks that work on the same images with this one: a step cache decides over
+        them (paraflow/cache). None: this rank's images are its own (data replicas)."""
+        return None
 
     @property
     def mode(self) -> str:

@@ -79,6 +79,8 @@ def run_on_rank(ctx: ParallelContext, cfg: DictConfig) -> dict[str, Any] | None:
          "peak_memory_bytes": memory.process_peak_bytes(ctx.device),
          "working_memory_bytes": working, "latency_s": latency,
          "stages": dict(env.seconds), "n_images": len(mine),
+         "denoiser_calls": env.denoiser_calls.full,
+         "reused_steps": env.denoiser_calls.reused,
          "param_bytes": parameter_bytes(pipe)})
     if not ctx.is_main:
         return None
@@ -96,6 +98,9 @@ def run_on_rank(ctx: ParallelContext, cfg: DictConfig) -> dict[str, Any] | None:
         "latency_s": max(s["latency_s"] for s in stats),
         "images_per_s": len(prompts) / max(s["latency_s"] for s in stats),
         "stages": dict(env.seconds),
+        # Per rank: full denoiser calls, and the steps a step cache reused (paraflow/cache).
+        "denoiser_calls": [s["denoiser_calls"] for s in stats],
+        "reused_steps": [s["reused_steps"] for s in stats],
         "comm_bytes": [s["comm_bytes"] for s in stats],
         "comm_bytes_per_step": [s["comm_bytes_per_step"] for s in stats],
         "comm_bytes_outside_steps": [s["comm_bytes_outside_steps"] for s in stats],

@@ -9,6 +9,7 @@ import torch
 from hydra.utils import get_class
 from omegaconf import DictConfig
 
+from paraflow.cache import check_cache
 from paraflow.errors import ParaflowError
 from paraflow.graph import execution_order, input_binding
 from paraflow.models.configured import (
@@ -55,6 +56,8 @@ def check_stage_inputs(cfg: DictConfig) -> None:
                                 f"pipeline's models are {', '.join(models) or 'none'} "
                                 "(pipeline.models)")
         read |= run_keys_read(found, spec)
+        model_cfg = cfg.pipeline.models[model] if model is not None else cfg.model
+        check_cache(name, spec, found, configured_family(model_cfg))
         check = getattr(found, "check", None)
         if check is not None:
             check(cfg, spec)

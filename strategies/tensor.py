@@ -54,6 +54,7 @@ from paraflow.mesh import (
     hybrid_layout,
     layout_label,
     mesh_of,
+    replica_comm,
     world_of,
 )
 from paraflow.plugin import StrategyBase
@@ -227,6 +228,7 @@ class TensorStrategy(StrategyBase):
         self.all_gather: Gather | None = None
         self.guidance: GuidanceSplit | None = None
         self.replicas = DataReplicas()
+        self._image_comm: Communicator | None = None
 
     def splits_of(self, model: nn.Module) -> list[PlannedSplit]:
         """What the plan splits in `model`: strategy.plan, else strategy.plans.FAMILY, else
@@ -287,6 +289,11 @@ class TensorStrategy(StrategyBase):
         if self.cfg_split:
             self.guidance = GuidanceSplit(dim_comm(ctx, mesh, "cfg"))
         self.replicas = DataReplicas.of(ctx, mesh)
+        self._image_comm = replica_comm(ctx, mesh)
+
+    def shared_image_comm(self, ctx: ParallelContext) -> Communicator | None:
+        """The ranks of this rank's replica (tensor × cfg): they work on the same images."""
+        return self._image_comm or ctx.comm
 
     def parallelize(self, pipe: Any, ctx: ParallelContext) -> None:
         model = denoiser(pipe) if self.component is None else getattr(pipe, self.component, None)

@@ -123,6 +123,7 @@ def summarize(cell: Cell, timed: list[dict[str, Any]], memory: dict[str, Any] | 
                            "images": images, "latency_s": latency,
                            "latencies_s": [r["latency_s"] for r in timed],
                            "images_per_s": images / latency, "speedup": None,
+                           "denoiser_calls": first.get("denoiser_calls"),
                            "bytes_per_step_per_rank": statistics.median(steps) if steps else 0,
                            "bytes_per_image_per_rank": first["comm_bytes"][0] / images,
                            "denoiser_mb_per_rank": [b / MB for b in denoiser_bytes],

@@ -27,7 +27,7 @@ def _fmt(value: Any, spec: str = ".2f") -> str:
 
 
 COLUMNS = ("strategy | ranks × threads | size | steps | link | latency s | speedup | images/s | "
-           "cost/image | "
+           "cost/image | denoiser calls/rank | "
            "bytes/step/rank | bytes/image/rank | denoiser MB/rank | peak MB/rank | "
            "working MB/rank | "
            "PSNR image dB | PSNR latents dB | identical (max Δ grey)")
@@ -44,7 +44,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
             continue
         lines.append(
             f"{head} {r['latency_s']:.2f} | {_fmt(r['speedup'])}× | {r['images_per_s']:.2f} | "
-            f"{_fmt(r.get('cost_per_image'), '.3g')} | "
+            f"{_fmt(r.get('cost_per_image'), '.3g')} | {_fmt(r.get('denoiser_calls'))} | "
             f"{r['bytes_per_step_per_rank']:,.0f} | {r['bytes_per_image_per_rank']:,.0f} | "
             f"{_fmt(r['denoiser_mb_per_rank'])} | {_fmt(r['peak_mb_per_rank'])} | "
             f"{_fmt(r['working_mb_per_rank'])} | {_fmt(r['psnr_db'], '.1f')} | "

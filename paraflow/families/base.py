@@ -90,6 +90,15 @@ class Family(Protocol):
                         width: int) -> torch.Tensor: ...
     def attention_kind(self, module: nn.Module) -> str: ...
 
+    # -- step caches (paraflow/cache)
+    caches: ClassVar[tuple[str, ...]]
+    def cache_blocks(self, model: nn.Module) -> list[nn.Module]: ...
+    def split_block_output(self, out: Any) -> tuple[torch.Tensor, torch.Tensor | None]: ...
+    def join_block_output(self, like: Any, hidden: torch.Tensor,
+                          text: torch.Tensor | None) -> Any: ...
+    def cache_probe(self, model: nn.Module) -> nn.Module: ...
+    def skipped_blocks(self, model: nn.Module, kind: str) -> list[nn.Module]: ...
+
 
 class BaseFamily:
     """Defaults: a denoiser whose input is the latent image itself (no packing), no extras."""
@@ -100,6 +109,9 @@ class BaseFamily:
     takes_lora: ClassVar[bool] = True
     can_inpaint: ClassVar[bool] = False
     tensor_plan: ClassVar[dict[str, str]] = {}
+    caches: ClassVar[tuple[str, ...]] = ("first_block",)  # step caches it takes (paraflow/cache)
+    # The transformer's block lists, run one after another (first-block caching's order).
+    block_lists: ClassVar[tuple[str, ...]] = ("transformer_blocks", "single_transformer_blocks")
 
     def downsampling(self, config: Mapping[str, Any]) -> int:
         """Latent rows per row at the denoiser's coarsest level (a transformer's token rows):
@@ -199,6 +211,32 @@ class BaseFamily:
         """How a self-attention module mixes text in: "plain" (it does not), "joint" (image
         tokens, then text) or "text_first" (text, then image tokens)."""
         return "plain"
+
+    def cache_blocks(self, model: nn.Module) -> list[nn.Module]:
+        """The blocks of the denoiser's residual stream, in the order they run ([] for a
+        denoiser without one: a UNet)."""
+        return [block for name in self.block_lists
+                for block in (getattr(model, name, None) or [])]
+
+    def split_block_output(self, out: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(hidden states, text states or None) of a block's output: a tensor, or diffusers'
+        MMDiT blocks' (encoder_hidden_states, hidden_states)."""
+        return (out, None) if isinstance(out, torch.Tensor) else (out[1], out[0])
+
+    def join_block_output(self, like: Any, hidden: torch.Tensor,
+                          text: torch.Tensor | None) -> Any:
+        """A block's output in the structure of `like` (one it returned before)."""
+        return hidden if isinstance(like, torch.Tensor) else (text, hidden)
+
+    def cache_probe(self, model: nn.Module) -> nn.Module:
+        """The block whose output decides a first-block cache where there is no residual
+        stream (a UNet's first down block)."""
+        raise NotImplementedError(f"family {self.name} caches through cache_blocks")
+
+    def skipped_blocks(self, model: nn.Module, kind: str) -> list[nn.Module]:
+        """The blocks a reused step of cache `kind` answers from the cache (no residual
+        stream)."""
+        raise NotImplementedError(f"family {self.name} caches through cache_blocks")
 
 
 # --- attention, as diffusers' Attention modules expose it (every family) ------------------------

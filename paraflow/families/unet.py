@@ -20,6 +20,7 @@ _RESNETS = "*.resnets.*"
 
 class UNetFamily(BaseFamily):
     name = "unet"
+    caches = ("first_block", "deepcache")
     denoisers = ("UNet2DConditionModel",)
     can_inpaint = True
     tensor_plan = {
@@ -85,6 +86,19 @@ class UNetFamily(BaseFamily):
         out = model(latents, timestep, encoder_hidden_states=cond.embeds,
                     added_cond_kwargs=cond.added, return_dict=False)
         return out[0]  # type: ignore[no-any-return]
+
+    def cache_probe(self, model: nn.Module) -> nn.Module:
+        unet: Any = model
+        return unet.down_blocks[0]  # type: ignore[no-any-return]
+
+    def skipped_blocks(self, model: nn.Module, kind: str) -> list[nn.Module]:
+        """first_block: everything past the first down block (conv_norm_out and conv_out
+        then repeat the last full step's prediction); deepcache: the deep blocks, between the
+        first down block and the last up block (which runs on the cached deep features)."""
+        unet: Any = model
+        deep = [*unet.down_blocks[1:], unet.mid_block]
+        return [*deep, *unet.up_blocks] if kind == "first_block" else \
+            [*deep, *unet.up_blocks[:-1]]
 
     def replicated_input_convs(self, model: nn.Module) -> set[str]:
         """`conv_in` reads the latent itself (unless the UNet rescales it first), so its halo

@@ -8,10 +8,13 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from paraflow.cache import cache_kind, cache_options
+from paraflow.cache.step import CallCount, StepCache
 from paraflow.errors import ParaflowError, set_stage
 from paraflow.families import Conditioning, denoiser_call
 from paraflow.graph import StageEnv
 from paraflow.loop import LoopHook, Sampling, Step, denoise
+from paraflow.plugin import image_ranks
 from paraflow.stages.inpaint import InpaintCondition
 from paraflow.stages.schedule import Schedule, ending_at, full_schedule, handover, starting_at
 
@@ -117,6 +120,7 @@ class Denoise:
     (pipeline=sdxl_refine)."""
 
     components = ("unet", "transformer")
+    caches = True  # takes a step cache (pipeline.stages.NAME.cache: paraflow/cache)
 
     def __call__(self, env: StageEnv, initial_latents: torch.Tensor, conditioning: Conditioning,
                  schedule: Schedule | None = None,
@@ -140,7 +144,7 @@ class Denoise:
             extra_input=inpaint.extra_input(guidance) if inpaint is not None else None,
             dtype=env.dtype)
         steps = len(schedule.timesteps)
-        hooks: list[LoopHook] = [StrategySteps(env)]
+        hooks: list[LoopHook] = [StrategySteps(env), self.step_cache(env, call)]
         if inpaint is not None:
             hooks.append(Blend(inpaint, schedule))
         hooks.append(FiniteCheck(env, steps, latents.device))
@@ -152,6 +156,16 @@ class Denoise:
         env.trajectory = (torch.stack(trajectory.kept, dim=1) if trajectory is not None
                           else None)
         return {"latents": latents}
+
+    @staticmethod
+    def step_cache(env: StageEnv, call: Any) -> LoopHook:
+        """The stage's step cache (its `cache` policy), or a plain count of denoiser calls;
+        a cache decides together with the ranks that share the image."""
+        options = cache_options(env.stage, env.spec)
+        if options is None:
+            return CallCount(env.denoiser_calls)
+        return StepCache(call.model, call.family, cache_kind(env.spec), options,
+                         image_ranks(env.strategy, env.ctx), env.denoiser_calls)
 
     @staticmethod
     def cut(env: StageEnv, schedule: Schedule) -> Schedule:

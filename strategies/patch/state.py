@@ -8,10 +8,11 @@ computes, then `publish`es its fresh piece; published pieces are packed into buc
 layer asks for it at the next step. `frozen` stops publishing after warm-up (no communication:
 the speed ceiling).
 
-Memory: only the other bands' pieces are kept (a layer always has its own fresh one), only from
-the last synchronous step on, and a layer's stale pieces are dropped once it has read them (the
-next step reads what is in flight now), so the stale buffers hold about (N−1)/N of one step's
-exchanged activations, not a second and third copy.
+Memory: only the other bands' pieces are kept (a layer always has its own fresh one), each
+replaced by the layer's next gather, and a layer's stale pieces are dropped once it has read them
+(the next step reads what is in flight now), so the stale buffers hold about (N−1)/N of one
+step's exchanged activations, not a second and third copy. A layer a step cache skips
+(paraflow/cache) keeps the pieces it last had, one step older at its next run.
 """
 
 from __future__ import annotations
@@ -66,10 +67,11 @@ class PatchState:
         self.step = step
 
     def gather(self, key: str, piece: torch.Tensor) -> list[torch.Tensor]:
-        """Every rank's fresh `piece` now (blocking); kept for the next step when it is the
-        first displaced one."""
+        """Every rank's fresh `piece` now (blocking); with displaced steps to come, kept for
+        them (replaced by the next warm-up step's: a layer a step cache skipped at the last
+        warm-up step reads the latest it has)."""
         pieces = self.comm.all_gather(piece)
-        if self.displaced and self.step == self.warmup_steps:
+        if self.displaced:
             self.previous[key] = self._others(pieces)
         return pieces
 

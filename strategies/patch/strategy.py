@@ -138,6 +138,9 @@ class PatchParallel(ReplicatedModel):
         """A data replica's ranks in hybrid layouts, else all."""
         return self._image_comm or ctx.comm
 
+    def shared_image_comm(self, ctx: ParallelContext) -> Communicator | None:
+        return self.image_comm(ctx)  # the bands of one image
+
     def exact_twin(self, cfg: DictConfig) -> list[str] | None:
         """sync_patch on the same layout (exact: parity's drift reference)."""
         return ["+strategy=sync_patch", f"strategy.cfg_split={self.cfg_split}",
