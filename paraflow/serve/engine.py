@@ -2,10 +2,11 @@
 same stage graph a run uses, with the service's stages swapped in (stages.py: the embedding
 cache, a seed per image), per-step progress and cancellation at the next step.
 
-Jobs waiting together with the same shape and settings (Job.batch_key) run as one batch of up to
-pipeline.max_batch images. Image i of a job starts from the noise of seed + i, as in a run with
-images_per_prompt=n, so a request and `python -m paraflow` with the same prompt, seed, size,
-steps and guidance give the same image (bit-identical alone; in a batch, as a run's batches do).
+Jobs waiting together with the same shape and settings (Job.batch_key, the LoRA adapters among
+them: they are switched per batch) run as one batch of up to pipeline.max_batch images. Image i
+of a job starts from the noise of seed + i, as in a run with images_per_prompt=n, so a request
+and `python -m paraflow` with the same prompt, seed, size, steps and guidance give the same
+image (bit-identical alone; in a batch, as a run's batches do).
 
 Edits (an uploaded image, and a mask to inpaint) run the packaged img2img and inpaint pipelines
 over the same loaded models, with the instance's per-stage policies: the job's files are written
