@@ -17,6 +17,7 @@ collectives with them) and covers transformer blocks only; DeepCache is not in d
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,8 +34,8 @@ HOOK = "paraflow_step_cache"
 
 @dataclass
 class CacheState:
-    """One denoiser's cache, shared by its hooks: whether this step reuses, what the last full
-    step left, and what the decisions were (for run.json)."""
+    """One denoiser's cache, shared by its hooks: whether this step reuses, and what the last
+    full step left."""
 
     threshold: float = 0.0
     comm: Communicator | None = None  # the ranks sharing the image (None: decide alone)
@@ -77,10 +78,16 @@ class CacheState:
         return reuse
 
 
+@functools.cache
+def _signature(block_class: Any) -> inspect.Signature:
+    return inspect.signature(block_class.forward)
+
+
 def _hidden_and_text(module: nn.Module, args: tuple[Any, ...],
                      kwargs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A transformer block's hidden_states and encoder_hidden_states arguments."""
-    bound = inspect.signature(type(module).forward).bind(module, *args, **kwargs)
+    block_class: Any = type(module)
+    bound = _signature(block_class).bind(module, *args, **kwargs)
     given = bound.arguments
     return given["hidden_states"], given.get("encoder_hidden_states")
 
@@ -102,12 +109,12 @@ class ResidualHead(ForwardHook):
         self.state, self.split, self.join = state, split, join
 
     def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        state = self.state
+        if not state.active:
+            return self.original(*args, **kwargs)
         hidden_in, _ = _hidden_and_text(module, args, kwargs)
         out = self.original(*args, **kwargs)
         hidden, text = self.split(out)
-        state = self.state
-        if not state.active:
-            return out
         residual = hidden - hidden_in
         state.reuse = state.decide(residual) if state.rest is not None \
             else state.remember(residual)
