@@ -61,6 +61,7 @@ class CacheKind(str, Enum):
     none = "none"
     first_block = "first_block"  # every family: the first block decides, the rest is reused
     deepcache = "deepcache"  # UNets: the deep blocks reused between full steps
+    taylorseer = "taylorseer"  # transformers: the rest's residual forecast between full steps
 
 
 @dataclass
@@ -69,7 +70,9 @@ class CacheOptions:
     null: the default."""
 
     threshold: float | None = None  # first_block: relative change below which it reuses
-    interval: int | None = None  # deepcache: a full step every `interval` steps
+    interval: int | None = None  # deepcache, taylorseer: a full step every `interval` steps
+    order: int | None = None  # taylorseer: the Taylor expansion's order (0: plain reuse)
+    warmup: int | None = None  # taylorseer: full steps at the start
 
 
 @dataclass

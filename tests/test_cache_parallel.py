@@ -4,7 +4,11 @@
 - reusing: every rank of an image records the same reused steps (the decision is one
   all-reduce of two float64 sums per step over the ranks sharing the image, which the
   communicator counts: 16 bytes per rank and step); `data` replicas decide alone; the image
-  stays within a stated PSNR of one device without cache.
+  stays within a stated PSNR of one device without cache;
+- taylorseer (PixArt and Flux, sync_patch and ulysses): the step number decides, with no
+  collective, and each rank forecasts its own band: one device's taylorseer run, within what
+  patch parallelism is held to without a cache (check_exact: latents within 1e-4, pixels 1 grey
+  level).
 """
 
 from __future__ import annotations
@@ -14,7 +18,15 @@ from typing import Any
 import pytest
 import torch
 
-from tests.patch_helpers import config, image, latents, psnr, run_many, run_single
+from tests.patch_helpers import (
+    check_exact,
+    config,
+    image,
+    latents,
+    psnr,
+    run_many,
+    run_single,
+)
 
 pytestmark = pytest.mark.slow
 STEPS = 10
@@ -50,6 +62,49 @@ def one_device(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, 
     tmp = tmp_path_factory.mktemp("one")
     return {name: run_single(config(model, tmp / name))
             for name, model in (("unet", UNET), ("pixart", DIT))}
+
+
+FLUX = ["model=tiny_flux_random", f"steps={STEPS}", "height=48", "width=80"]
+TAYLOR = {"pixart_sync_patch": (DIT, ["+strategy=sync_patch"]),
+          "pixart_ulysses": (DIT, ["+strategy=ulysses"]),
+          "flux_sync_patch": (FLUX, ["+strategy=sync_patch"]),
+          "flux_ulysses": (FLUX, ["+strategy=ulysses"])}
+TAYLORSEER = [f"{C}cache=taylorseer", f"{C}cache_options.interval=3"]
+
+
+@pytest.fixture(scope="module")
+def taylorseer(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Each TAYLOR case on 2 ranks with and without the cache, and each model's taylorseer run
+    on one device (`one_device` below)."""
+    tmp = tmp_path_factory.mktemp("taylorseer")
+    keys = [(s, v) for s in TAYLOR for v in ("plain", "taylorseer")]
+    cfgs = [config([*TAYLOR[s][0], "launcher.devices=2", *TAYLOR[s][1],
+                    *(TAYLORSEER if v == "taylorseer" else [])], tmp / f"{s}-{v}")
+            for s, v in keys]
+    done: dict[Any, Any] = dict(zip(keys, run_many(cfgs)))
+    for name, model in (("pixart", DIT), ("flux", FLUX)):
+        done[name] = run_single(config([*model, *TAYLORSEER], tmp / f"one-{name}"))
+    return done
+
+
+@pytest.mark.parametrize("case", list(TAYLOR))
+def test_taylorseer_on_2_ranks_is_one_devices_taylorseer(case: str, taylorseer: Any) -> None:
+    """Steps 0, 1, 4, 7 run whole on both ranks, the others forecast; a full step sends what
+    the uncached run sends (no decision to exchange), a forecast step less (only the first
+    block's exchanges)."""
+    run, plain = taylorseer[case, "taylorseer"], taylorseer[case, "plain"]
+    reused = [2, 3, 5, 6, 8, 9]
+    assert run["reused_steps"] == [reused, reused] and run["denoiser_calls"] == [4, 4]
+    for rank in range(2):
+        sent, uncached = run["comm_bytes_per_step"][rank], plain["comm_bytes_per_step"][rank]
+        for step in range(STEPS):
+            if step in reused:
+                assert sent[str(step)] < uncached[str(step)], (rank, step)
+            else:
+                assert sent[str(step)] == uncached[str(step)], (rank, step)
+    one = taylorseer[case.split("_")[0]]
+    assert one["reused_steps"] == [reused]
+    check_exact(run, one)
 
 
 @pytest.mark.parametrize("strategy", list(STRATEGIES))

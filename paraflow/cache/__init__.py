@@ -9,12 +9,17 @@ of a step's work can be reused from the last full step:
 - `deepcache` (UNets): every `interval`-th step runs whole; the others run only the outermost
   blocks (conv_in, the first down block, the last up block) around the deep features cached at
   the last full step (DeepCache).
+- `taylorseer` (transformers): the first `warmup` steps run whole, then every `interval`-th
+  step; on the others the first block runs and the rest's residual is forecast from the last
+  full steps by a Taylor expansion of order `order` (TaylorSeer; taylorseer.py).
 
 The decision is one for every rank holding the same image: the ranks add up their bands' sums in
 one small all-reduce per step (counted by the communicator), so a band strategy skips or runs the
 rest on all its ranks together and decides as one device would. `data` replicas decide alone.
+deepcache and taylorseer decide by the step number alone, the same on every rank with no
+collective.
 The hooks are written here with diffusers' hook registry (diffusers' own FirstBlockCache decides
-per process and knows no UNet; see hooks.py)."""
+per process and knows no UNet, see hooks.py; why not its TaylorSeer: taylorseer.py)."""
 
 from __future__ import annotations
 
@@ -42,8 +47,37 @@ class DeepCacheOptions:
             raise ParaflowError(f"{key}.interval={self.interval}: must be at least 1")
 
 
+@dataclass(frozen=True)
+class TaylorSeerOptions:
+    # A full step every `interval` steps (1: every step, no forecast). 3 spends a third of the
+    # calls, as deepcache's default does: at paraflow's 20 steps, 5 would leave only a handful of
+    # full steps to extrapolate from and each forecast's error grows with its distance from them.
+    interval: int = 3
+    # The Taylor expansion's order: 0 reuses the last full step's residual as is; 1 adds its
+    # first difference over the last two full steps; 2 its second (three full steps).
+    order: int = 1
+    # Full steps at the start (at least 1), the last of which begins the first interval; early
+    # steps change the most.
+    warmup: int = 2
+
+    def check(self, key: str) -> None:
+        if self.interval < 1:
+            raise ParaflowError(f"{key}.interval={self.interval}: must be at least 1")
+        if self.order < 0:
+            raise ParaflowError(f"{key}.order={self.order}: must be >= 0")
+        if self.warmup < 1:
+            raise ParaflowError(f"{key}.warmup={self.warmup}: must be at least 1 (the first "
+                                "step runs whole)")
+
+    def full(self, index: int) -> bool:
+        """Whether step `index` (0 first) runs whole: one of the first `warmup`, or an
+        `interval`-th counted from the last of them."""
+        return index < self.warmup or (index - self.warmup + 1) % self.interval == 0
+
+
 KINDS: dict[str, type | None] = {"none": None, "first_block": FirstBlockOptions,
-                                 "deepcache": DeepCacheOptions}
+                                 "deepcache": DeepCacheOptions,
+                                 "taylorseer": TaylorSeerOptions}
 
 
 def cache_kind(spec: Any) -> str:

@@ -8,7 +8,8 @@ collectives with them) and covers transformer blocks only; DeepCache is not in d
 - A transformer (First-Block Cache): the first block always runs; `ResidualHead` decides on
   its residual (output − input) and, reusing, adds the rest's residual cached at the last full
   step; every later block (`ResidualRest`) then passes its input through; on a full step the last
-  one records the rest's residual.
+  one records the rest's residual. TaylorSeer (taylorseer.py) uses the same hooks, `scheduled`:
+  the step number decides before the call, and the rest's residual added is its forecast.
 - A UNet: `ProbeHead` on the first down block decides (first_block), or the step number does
   (deepcache); the skipped blocks (`CachedOutput`) answer with their output of the last full
   step. Everything around them runs, with each rank's own band, so a strategy's exchanges in
@@ -39,6 +40,7 @@ class CacheState:
 
     threshold: float = 0.0
     comm: Communicator | None = None  # the ranks sharing the image (None: decide alone)
+    scheduled: bool = False  # the step number sets `reuse` before the call; no block decides
     active: bool = False  # between a generation's start and end; else every hook passes through
     reuse: bool = False
     previous: torch.Tensor | None = None  # the decision's tensor at the last full step
@@ -46,10 +48,12 @@ class CacheState:
     rest: tuple[torch.Tensor, torch.Tensor | None] | None = None  # the rest's residual
     outputs: dict[int, Any] = field(default_factory=dict)  # CachedOutput's, by hook id
 
-    def start(self, threshold: float, comm: Communicator | None) -> None:
+    def start(self, threshold: float, comm: Communicator | None,
+              scheduled: bool = False) -> None:
         """A new generation: nothing cached."""
         self.stop()
         self.threshold, self.comm, self.active = threshold, comm, True
+        self.scheduled = scheduled
 
     def stop(self) -> None:
         """The generation is done: drop what it cached; the hooks pass through."""
@@ -112,12 +116,16 @@ class ResidualHead(ForwardHook):
         state = self.state
         if not state.active:
             return self.original(*args, **kwargs)
-        hidden_in, _ = _hidden_and_text(module, args, kwargs)
-        out = self.original(*args, **kwargs)
-        hidden, text = self.split(out)
-        residual = hidden - hidden_in
-        state.reuse = state.decide(residual) if state.rest is not None \
-            else state.remember(residual)
+        if state.scheduled:  # decided already; `rest` is what to add (a forecast)
+            out = self.original(*args, **kwargs)
+            hidden, text = self.split(out)
+        else:
+            hidden_in, _ = _hidden_and_text(module, args, kwargs)
+            out = self.original(*args, **kwargs)
+            hidden, text = self.split(out)
+            residual = hidden - hidden_in
+            state.reuse = state.decide(residual) if state.rest is not None \
+                else state.remember(residual)
         if state.reuse and state.rest is not None:
             rest_hidden, rest_text = state.rest
             text = text + rest_text if text is not None and rest_text is not None else text

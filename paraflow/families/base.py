@@ -109,7 +109,8 @@ class BaseFamily:
     takes_lora: ClassVar[bool] = True
     can_inpaint: ClassVar[bool] = False
     tensor_plan: ClassVar[dict[str, str]] = {}
-    caches: ClassVar[tuple[str, ...]] = ("first_block",)  # step caches it takes (paraflow/cache)
+    # The step caches it takes (paraflow/cache): both work on the residual stream's blocks.
+    caches: ClassVar[tuple[str, ...]] = ("first_block", "taylorseer")
     # The transformer's block lists, run one after another (first-block caching's order).
     block_lists: ClassVar[tuple[str, ...]] = ("transformer_blocks", "single_transformer_blocks")
 
