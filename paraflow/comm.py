@@ -81,9 +81,30 @@ class Communicator:
         self.link = link
         self.parent = parent
         self.timeout = timeout  # for the subgroups `split` makes (None: torch's default)
-        self.step: int | None = None
-        self.bytes_by_step: dict[int | None, int] = defaultdict(int)
-        self.calls = 0
+        self._step: int | None = None
+        self._bytes_by_step: dict[int | None, int] = defaultdict(int)
+        self._calls = 0
+        # Bytes and calls counted inside compiled graphs (paraflow/compile.py), not yet booked.
+        self._compiled = torch.zeros(2, dtype=torch.int64)
+
+    @property
+    def step(self) -> int | None:
+        return self._step
+
+    @step.setter
+    def step(self, value: int | None) -> None:
+        self._book_compiled()  # what compiled code sent belongs to the step that ends
+        self._step = value
+
+    @property
+    def bytes_by_step(self) -> dict[int | None, int]:
+        self._book_compiled()
+        return self._bytes_by_step
+
+    @property
+    def calls(self) -> int:
+        self._book_compiled()
+        return self._calls
 
     @property
     def total_bytes(self) -> int:
@@ -93,9 +114,23 @@ class Communicator:
         """Book `nbytes`; return the modeled link's completion time (None: real transport)."""
         if self.parent is not None:
             return self.parent._count(nbytes)
-        self.bytes_by_step[self.step] += int(nbytes)
-        self.calls += 1
+        if torch.compiler.is_compiling():
+            # A compiled graph would bake a Python counter in as a constant (and recompile on
+            # each change): it adds to a tensor instead, booked when the step changes. A
+            # modeled link cannot be slept out in a graph (refused before launch).
+            self._compiled[0] += int(nbytes)
+            self._compiled[1] += 1
+            return None
+        self._bytes_by_step[self._step] += int(nbytes)
+        self._calls += 1
         return self.link.reserve(nbytes) if self.link is not None else None
+
+    def _book_compiled(self) -> None:
+        if self.parent is None and bool(self._compiled.any()):
+            nbytes, calls = self._compiled.tolist()
+            self._bytes_by_step[self._step] += nbytes
+            self._calls += calls
+            self._compiled.zero_()
 
     @staticmethod
     def _settle(deadline: float | None) -> None:

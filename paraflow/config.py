@@ -75,6 +75,22 @@ class CacheOptions:
     warmup: int | None = None  # taylorseer: full steps at the start
 
 
+class CompileMode(str, Enum):
+    none = "none"
+    regional = "regional"  # each repeated block compiled on its own (paraflow/compile.py)
+    full = "full"  # the stage's whole modules, one graph each where they allow
+
+
+@dataclass
+class CompileOptions:
+    """torch.compile's settings for a stage that compiles (paraflow/compile.py)."""
+
+    backend: str = "inductor"  # a torch.compile backend (torch._dynamo.list_backends())
+    mode: str | None = None  # inductor's: default, reduce-overhead (CUDA graphs), max-autotune...
+    dynamic: bool | None = None  # null: torch's automatic dynamic shapes after a recompile
+    fullgraph: bool = False  # true: a graph break fails the run instead of being counted
+
+
 @dataclass
 class StageConfig:
     _target_: str = MISSING
@@ -89,6 +105,9 @@ class StageConfig:
     # A step cache (denoise stages: paraflow/cache), and its options.
     cache: CacheKind = CacheKind.none
     cache_options: CacheOptions = field(default_factory=lambda: CacheOptions())
+    # torch.compile of the stage's modules (denoise and the VAE stages: paraflow/compile.py).
+    compile: CompileMode = CompileMode.none
+    compile_options: CompileOptions = field(default_factory=lambda: CompileOptions())
 
 
 @dataclass
@@ -214,11 +233,19 @@ class SDXLConditioning:
 
 
 @dataclass
+class AttentionConfig:
+    # torch's SDPA (sdpa; sdpa_math/flash/efficient/cudnn: one kernel) or a diffusers dispatch
+    # backend (flash, sage, xformers, ...): paraflow/attention.py
+    backend: str = "sdpa"
+
+
+@dataclass
 class RunConfig:
     model: Any = MISSING
     scheduler: Any = MISSING
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
     strategy: Any = None
     prompt: Any = "a red circle on the left, blue background"
     negative_prompt: str | None = None
@@ -247,6 +274,8 @@ class RunConfig:
     output_dir: str | None = None  # None: Hydra's run directory
     plan_only: bool = False  # print the memory/communication plan (paraflow/plan), run nothing
     plan_memory_gb: float | None = None  # the plan's per-device budget (None: CUDA's, if any)
+    # first_block: the fraction of the steps after the first that reuse, in [0, 1) (None: 0)
+    plan_cache_hit_rate: float | None = None
     serve: Any = None  # the image service (conf/serve); its schema is the service's own
 
 

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 from hydra.utils import get_class
 
+from paraflow.compile import compile_stage_modules
 from paraflow.errors import ParaflowError, set_stage
 from paraflow.policy import applied_policy
 
@@ -157,13 +158,15 @@ class StageGraph:
         return values
 
     def _run_node(self, env: StageEnv, node: StageNode, values: dict[str, Any]) -> None:
-        modules = [getattr(env.pipe, c) for c in node.stage.components
-                   if getattr(env.pipe, c, None) is not None]
+        named = {c: getattr(env.pipe, c) for c in node.stage.components
+                 if getattr(env.pipe, c, None) is not None}
+        modules = list(named.values())
         inputs = {p: values[v] for v, p in map(input_binding, node.spec.inputs)}
         start = time.perf_counter()
         env.spec, env.stage = node.spec, node.name
         set_stage(node.name)  # what a failure of this rank reports (paraflow/errors.py)
         with applied_policy(node.spec, modules, env.ctx.device) as (env.device, env.dtype):
+            compile_stage_modules(node.spec, named)
             outputs = node.stage(env, **inputs)
             if env.device.type == "cuda":
                 torch.cuda.synchronize(env.device)

@@ -13,6 +13,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from paraflow import memory
+from paraflow.compile import compile_counts, compile_report
 from paraflow.context import ParallelContext
 from paraflow.models.tokenizer import unknown_words
 from paraflow.outputs import write_outputs
@@ -64,6 +65,7 @@ def run_on_rank(ctx: ParallelContext, cfg: DictConfig) -> dict[str, Any] | None:
         warn_unknown_words(pipe.tokenizer, [*prompts, cfg.negative_prompt or ""])
     ctx.comm.barrier()  # time the generation only, from a common start
     held = memory.start_window(ctx.device)
+    compiled_before = compile_counts()
     start = time.perf_counter()
     done = session.generate(cfg, prompts, bool(cfg.save_latents or cfg.save_trajectory))
     latency = time.perf_counter() - start
@@ -81,6 +83,7 @@ def run_on_rank(ctx: ParallelContext, cfg: DictConfig) -> dict[str, Any] | None:
          "stages": dict(env.seconds), "n_images": len(mine),
          "denoiser_calls": env.denoiser_calls.full,
          "reused_steps": env.denoiser_calls.reused,
+         "compile": compile_report(compiled_before),
          "param_bytes": parameter_bytes(pipe)})
     if not ctx.is_main:
         return None
@@ -101,6 +104,8 @@ def run_on_rank(ctx: ParallelContext, cfg: DictConfig) -> dict[str, Any] | None:
         # Per rank: full denoiser calls, and the steps a step cache reused (paraflow/cache).
         "denoiser_calls": [s["denoiser_calls"] for s in stats],
         "reused_steps": [s["reused_steps"] for s in stats],
+        # Per rank: graphs compiled and graph breaks by reason (paraflow/compile.py).
+        "compile": [s["compile"] for s in stats],
         "comm_bytes": [s["comm_bytes"] for s in stats],
         "comm_bytes_per_step": [s["comm_bytes_per_step"] for s in stats],
         "comm_bytes_outside_steps": [s["comm_bytes_outside_steps"] for s in stats],

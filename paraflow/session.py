@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
+from paraflow.attention import attention_backend
+from paraflow.compile import any_stage_compiles, fresh_compilation
 from paraflow.context import ParallelContext
 from paraflow.families import latent_shape
 from paraflow.graph import StageEnv, StageGraph
@@ -53,6 +55,8 @@ class Session:
     def __init__(self, ctx: ParallelContext, cfg: DictConfig, strategy: Strategy | None = None,
                  load: Loader = load_pipeline) -> None:
         self.ctx, self.cfg = ctx, cfg
+        if any_stage_compiles(cfg.pipeline.stages):
+            fresh_compilation()
         self.pipe = load(cfg.model, cfg.scheduler)
         self.strategy = strategy or build_strategy(cfg.strategy)
         self.strategy.setup(ctx)
@@ -88,7 +92,7 @@ class Session:
         activate_adapters(self.pipe, self.cfg.model, cfg.get("lora") or [])
         mine = self.strategy.assign_images(len(prompts), self.ctx)
         batch, graph = int(cfg.pipeline.max_batch), self.graph(cfg.pipeline)
-        with torch.inference_mode():
+        with torch.inference_mode(), attention_backend(str(self.cfg.attention.backend)):
             for first in range(0, len(mine), batch):
                 ids = mine[first:first + batch]
                 graph.run(env, {"prompts": [prompts[i] for i in ids], "image_ids": ids})

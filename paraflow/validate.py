@@ -9,7 +9,9 @@ import torch
 from hydra.utils import get_class
 from omegaconf import DictConfig
 
+from paraflow.attention import check_backend
 from paraflow.cache import check_cache
+from paraflow.compile import any_stage_compiles, check_compile
 from paraflow.errors import ParaflowError
 from paraflow.graph import execution_order, input_binding
 from paraflow.models.configured import (
@@ -38,7 +40,7 @@ def model_factor(model_cfg: DictConfig) -> int:
     return configured_latent_downsampling(model_cfg)
 
 
-def check_stage_inputs(cfg: DictConfig) -> None:
+def check_stage_inputs(cfg: DictConfig, accelerator: str | None = None) -> None:
     """Each stage class's own pre-launch check, `check(cfg, spec)` where it has one (an input
     image that must exist, a strength in range); a `_target_` that does not import is named."""
     read: set[str] = set()
@@ -58,6 +60,7 @@ def check_stage_inputs(cfg: DictConfig) -> None:
         read |= run_keys_read(found, spec)
         model_cfg = cfg.pipeline.models[model] if model is not None else cfg.model
         check_cache(name, spec, found, configured_family(model_cfg))
+        check_compile(name, spec, found, accelerator)
         check = getattr(found, "check", None)
         if check is not None:
             check(cfg, spec)
@@ -179,7 +182,12 @@ def validate(cfg: DictConfig, output_dir: str | Path | None, devices: bool = Tru
                                     f"{cfg.model.name}'s by {unit}; strategy {strategy.name} "
                                     "cuts one band plan for both")
     execution_order(cfg.pipeline.stages)
-    check_stage_inputs(cfg)
+    check_stage_inputs(cfg, resolve_accelerator(cfg) if devices else None)
+    check_backend(str(cfg.attention.backend), resolve_accelerator(cfg) if devices else None)
+    if any_stage_compiles(cfg.pipeline.stages) and launcher.link.bandwidth_gb_s is not None:
+        raise ParaflowError(f"launcher.link.bandwidth_gb_s={launcher.link.bandwidth_gb_s}: a "
+                            "modeled link sleeps on the host, which a compiled stage cannot; "
+                            "set it to null or the stages' compile to none")
     world = int(launcher.devices) * int(launcher.num_nodes)
     for name, spec in cfg.pipeline.stages.items():
         parallel = str(getattr(spec.get("parallel", "none"), "value", spec.get("parallel", "none")))

@@ -99,6 +99,9 @@ class Family(Protocol):
     def cache_probe(self, model: nn.Module) -> nn.Module: ...
     def skipped_blocks(self, model: nn.Module, kind: str) -> list[nn.Module]: ...
 
+    # -- compilation (paraflow/compile.py)
+    def compile_regions(self, model: nn.Module) -> list[nn.Module]: ...
+
 
 class BaseFamily:
     """Defaults: a denoiser whose input is the latent image itself (no packing), no extras."""
@@ -233,6 +236,11 @@ class BaseFamily:
         """The block whose output decides a first-block cache where there is no residual
         stream (a UNet's first down block)."""
         raise NotImplementedError(f"family {self.name} caches through cache_blocks")
+
+    def compile_regions(self, model: nn.Module) -> list[nn.Module]:
+        """The blocks `compile=regional` compiles one by one: the residual stream's (alike, so
+        one compiled graph serves them all)."""
+        return self.cache_blocks(model)
 
     def skipped_blocks(self, model: nn.Module, kind: str) -> list[nn.Module]:
         """The blocks a reused step of cache `kind` answers from the cache (no residual

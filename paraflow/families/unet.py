@@ -91,6 +91,12 @@ class UNetFamily(BaseFamily):
         unet: Any = model
         return unet.down_blocks[0]  # type: ignore[no-any-return]
 
+    def compile_regions(self, model: nn.Module) -> list[nn.Module]:
+        """Every down block, the mid block and every up block (a UNet has no residual stream
+        of alike blocks; its resolution levels compile apart)."""
+        unet: Any = model
+        return [*unet.down_blocks, unet.mid_block, *unet.up_blocks]
+
     def skipped_blocks(self, model: nn.Module, kind: str) -> list[nn.Module]:
         """first_block: everything past the first down block (conv_norm_out and conv_out
         then repeat the last full step's prediction); deepcache: the deep blocks, between the

@@ -16,6 +16,7 @@ class Decode:
     strategy's decode_in_bands); `auto` (the default) does that whenever the strategy allows."""
 
     components = ("vae",)
+    compiles = True  # pipeline.stages.NAME.compile (paraflow/compile.py)
 
     def __call__(self, env: StageEnv, latents: torch.Tensor) -> dict[str, Any]:
         vae = env.pipe.vae

@@ -121,6 +121,7 @@ class Denoise:
 
     components = ("unet", "transformer")
     caches = True  # takes a step cache (pipeline.stages.NAME.cache: paraflow/cache)
+    compiles = True  # pipeline.stages.NAME.compile (paraflow/compile.py)
 
     def __call__(self, env: StageEnv, initial_latents: torch.Tensor, conditioning: Conditioning,
                  schedule: Schedule | None = None,

@@ -113,6 +113,7 @@ class EncodeImage:
     generator; the generators go on to draw the noise (diffusers' order of draws)."""
 
     components = ("vae",)
+    compiles = True  # pipeline.stages.NAME.compile (paraflow/compile.py)
 
     def __call__(self, env: StageEnv, image: torch.Tensor,
                  image_ids: list[int]) -> dict[str, Any]:

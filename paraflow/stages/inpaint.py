@@ -59,6 +59,7 @@ class PrepareInpaint:
     the blend needs it or strength < 1), the noise, the masked image's VAE sample."""
 
     components = ("vae",)
+    compiles = True  # pipeline.stages.NAME.compile (paraflow/compile.py)
 
     @staticmethod
     def check(cfg: DictConfig, spec: Any) -> None:

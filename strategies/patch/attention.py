@@ -14,6 +14,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from paraflow.attention import attend as attend_on_backend
 from paraflow.errors import ParaflowError
 from paraflow.strategies.patch.state import PatchState
 
@@ -40,8 +41,7 @@ def attend_heads(attn: Any, query: torch.Tensor, key: torch.Tensor, value: torch
         query = attn.norm_q(query)
     if attn.norm_k is not None:
         key = attn.norm_k(key)
-    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=0.0,
-                                         is_causal=False, scale=attn.scale)
+    out = attend_on_backend(query, key, value, mask, scale=attn.scale)
     return out.to(query.dtype)
 
 
@@ -112,7 +112,7 @@ class PatchSelfAttnProcessor:
         whole_k, whole_v = whole.unflatten(-1, (heads, 2 * dim)).transpose(1, 2).chunk(2, -1)
         key, value = (torch.cat([x[:, :, :image.start], w, x[:, :, image.stop:]], dim=2)
                       for x, w in ((key, whole_k), (value, whole_v)))
-        return F.scaled_dot_product_attention(query, key, value)
+        return attend_on_backend(query, key, value)
 
     def _band_queries(self, mask: torch.Tensor, tokens: int) -> torch.Tensor:
         """(B, heads, queries, keys) → this band's query rows (a one-row mask is kept)."""

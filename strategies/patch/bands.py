@@ -9,7 +9,6 @@ stays whole at every resolution level of the model. At a level where this rank's
 from __future__ import annotations
 
 from dataclasses import dataclass
-from fractions import Fraction
 
 from paraflow.errors import ParaflowError
 
@@ -66,12 +65,11 @@ class BandPlan:
     def scaled(self, mine: int) -> list[int]:
         """Every band's size at the level where this rank's band has `mine` rows (or tokens:
         height and width scale together, so token counts scale by the same ratio)."""
-        ratio = Fraction(mine, self.sizes[self.index])
-        out = [n * ratio for n in self.sizes]
-        if any(x.denominator != 1 for x in out):
+        own = self.sizes[self.index]  # integer arithmetic: compiled code traces it (not gcd)
+        if any(n * mine % own for n in self.sizes):
             raise ParaflowError(f"band of {mine} rows/tokens does not match the band plan "
                                 f"{self.sizes} (rank band {self.index})")
-        return [int(x) for x in out]
+        return [n * mine // own for n in self.sizes]
 
 
 def conv_halo(kernel: int, stride: int, padding: int, dilation: int = 1) -> tuple[int, int]:

@@ -14,8 +14,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
+from paraflow.attention import attend as attend_on_backend
 from paraflow.errors import ParaflowError
 from paraflow.strategies.patch.attention import PatchSelfAttnProcessor, attend_heads, split_heads
 
@@ -42,7 +42,7 @@ class UlyssesAttnProcessor(PatchSelfAttnProcessor):
         mine = slice(self.state.comm.rank * share, (self.state.comm.rank + 1) * share)
         before, after = qkv[:, :, mine, :image.start], qkv[:, :, mine, image.stop:]
         q, k, v = torch.cat([before, whole, after], dim=3)
-        out = F.scaled_dot_product_attention(q, k, v)  # (B, share, text + image, dim)
+        out = attend_on_backend(q, k, v)  # (B, share, text + image, dim)
         first, last = before.shape[3], before.shape[3] + whole.shape[3]
         image_out = self._to_token_share(out[:, :, first:last], image.stop - image.start)
         text = torch.cat([out[:, :, :first], out[:, :, last:]], dim=2).contiguous()
