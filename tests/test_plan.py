@@ -1,6 +1,8 @@
-"""The planner (paraflow/plan) against measurement: bytes per step, bytes outside the steps and
-weights equal what two gloo ranks counted (one launch of five runs); SDXL at 3840² on 8 ranks
-plans in seconds without memory; the CLI prints the plan and refuses what a run refuses."""
+"""The planner (paraflow/plan) against measurement: bytes per step, bytes outside the steps,
+weights and full denoiser calls equal what two gloo ranks counted (one launch of every run,
+step-cached ones among them); SDXL at 3840² on 8 ranks plans in seconds without memory; a step
+cache's reused steps cut the planned calls, bytes and FLOPs; the CLI prints the plan and refuses
+what a run refuses."""
 
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from tests.patch_helpers import config, run_many, run_single
 BASE = ["width=64", "steps=3", "launcher.devices=2"]
 SD, PIXART = "model=tiny_random", "model=tiny_pixart_random"
 SD3, FLUX = "model=tiny_sd3_random", "model=tiny_flux_random"
+DENOISE = "pipeline.stages.denoise"
 RUNS = {
     "sync_patch": [SD, "+strategy=sync_patch", "height=64"],
     # steps 0-1 synchronous, step 2 displaced without GroupNorm traffic (fewer bytes)
@@ -39,6 +42,13 @@ RUNS = {
     "flux_tensor": [FLUX, "+strategy=tensor", "height=64"],
     "flux_displaced": [FLUX, "+strategy=displaced_patch", "height=80",
                        "strategy.warmup_steps=1"],
+    # step 1 reuses (deepcache's schedule, exact): only the outer blocks exchange
+    "sync_patch_deepcache": [SD, "+strategy=sync_patch", "height=64", f"{DENOISE}.cache=deepcache",
+                             f"{DENOISE}.cache_options.interval=2"],
+    # decides every step after the first (the decision's all-reduce), reuses none
+    "sync_patch_first_block": [SD, "+strategy=sync_patch", "height=64",
+                               f"{DENOISE}.cache=first_block",
+                               f"{DENOISE}.cache_options.threshold=1e-9"],
 }
 
 
@@ -60,13 +70,19 @@ def test_planned_bytes_equal_the_counted_bytes(
         assert steps == record["comm_bytes_per_step"][rank], (name, rank)
         assert row.comm_decode + row.comm_gather == record["comm_bytes_outside_steps"][rank]
         assert row.comm_run == record["comm_bytes"][rank]
+        assert row.denoiser_calls == record["denoiser_calls"][rank], (name, rank)
+        assert plan.summary["cache"].get("reused_steps", []) == record["reused_steps"][rank]
     if name in ("displaced", "pixart_displaced", "flux_displaced"):
         per_step = plan.ranks[0].comm_per_step
         if name == "displaced":  # no GroupNorm sums once displaced
             assert per_step[0] == per_step[1] > per_step[2]
         else:  # a transformer has no GroupNorm: the same pieces travel, later
             assert per_step[0] == per_step[1] == per_step[2]
-    carries = "displaced" in name  # stale pieces between steps; nothing for the others
+    if name == "sync_patch_deepcache":  # the reused step sends less than the full ones
+        per_step = plan.ranks[0].comm_per_step
+        assert per_step[0] == per_step[2] > per_step[1] > 0
+    # stale pieces, or a cache's features, between steps; nothing for the others
+    carries = "displaced" in name or plan.summary["cache"]["kind"] != "none"
     assert all((row.carried_bytes > 0) == carries for row in plan.ranks), name
 
 
@@ -81,6 +97,72 @@ def test_planned_weights_equal_param_bytes(measured: dict[str, tuple[Plan, dict[
     assert make_plan(single_cfg).ranks[0].weights == {
         k: v[0] for k, v in single["param_bytes"].items()}
     assert 0.5 < plan.ranks[0].weights["unet"] / single["param_bytes"]["unet"][0] <= 0.6
+
+
+TWO_BANDS = [SD, "+strategy=sync_patch", "launcher.devices=2", "width=64", "height=64"]
+
+
+def test_deepcache_halves_the_full_calls_and_cuts_the_bytes() -> None:
+    plain = make_plan(compose([*TWO_BANDS, "steps=4"]))
+    cached = make_plan(compose([*TWO_BANDS, "steps=4", f"{DENOISE}.cache=deepcache",
+                                f"{DENOISE}.cache_options.interval=2"]))
+    cache = cached.summary["cache"]
+    assert (cache["kind"], cache["full_calls"], cache["steps"]) == ("deepcache", 2, 4)
+    assert cache["reused_steps"] == [1, 3] and cache["hit_rate"] == round(2 / 3, 4)
+    assert plain.summary["cache"] == {"kind": "none"}
+    for without, row in zip(plain.ranks, cached.ranks):
+        assert (without.denoiser_calls, row.denoiser_calls) == (4, 2)
+        full, reused = row.comm_per_step[0::2], row.comm_per_step[1::2]
+        assert full == without.comm_per_step[0::2]  # a full step exchanges as without a cache
+        # reused: only conv_in, the first down block and the last up block run and exchange
+        assert reused[0] == reused[1] and 0 < reused[0] < 0.6 * full[0]
+        assert sum(row.comm_per_step) == 2 * full[0] + 2 * reused[0] \
+            < 0.8 * sum(without.comm_per_step)
+        assert row.comm_decode == without.comm_decode
+        assert row.flops_per_step[0::2] == without.flops_per_step[0::2]
+        assert 0 < row.flops_per_step[1] < 0.6 * row.flops_per_step[0]
+        assert row.flops_run < without.flops_run
+        assert row.carried_bytes > without.carried_bytes == 0  # the deep features, held
+    table = cached.markdown()
+    assert "kind deepcache, interval 2" in table and "full_calls 2, steps 4" in table
+    assert "2 full denoiser call(s) for 4 steps" in table
+    assert json.loads(json.dumps(cached.to_dict()))["ranks"][0]["denoiser_calls"] == 2
+
+
+def test_first_block_follows_the_planned_hit_rate() -> None:
+    base = [PIXART, "+strategy=sync_patch", "launcher.devices=2", "width=64", "height=64",
+            "steps=5", f"{DENOISE}.cache=first_block"]
+    never = make_plan(compose([*base, "plan_cache_hit_rate=0"]))
+    half = make_plan(compose([*base, "plan_cache_hit_rate=0.5"]))
+    assert never.summary["cache"]["reused_steps"] == [] and never.ranks[0].denoiser_calls == 5
+    assert half.summary["cache"]["reused_steps"] == [1, 3]  # spread evenly
+    assert half.summary["cache"]["hit_rate"] == 0.5 and half.ranks[0].denoiser_calls == 3
+    decision = 16  # 2 float64 sums all-reduced over 2 ranks: 2·16·(2−1)/2 bytes
+    sent, computed = never.ranks[0].comm_per_step, never.ranks[0].flops_per_step
+    assert sent[1:] == [sent[0] + decision] * 4 and computed == [computed[0]] * 5
+    sent_half, computed_half = half.ranks[0].comm_per_step, half.ranks[0].flops_per_step
+    assert sent_half[0::2] == sent[0::2]  # full steps as at rate 0
+    # reused: the first block runs and exchanges; the rest of the transformer nothing
+    assert sent_half[1] == sent_half[3] and decision < sent_half[1] < sent[1]
+    assert computed_half[1] == computed_half[3] < computed[1]
+    assert half.ranks[0].comm_run < never.ranks[0].comm_run
+    assert make_plan(compose(base)).ranks[0].comm_per_step == sent  # unset: as rate 0
+
+
+@pytest.mark.parametrize("rate", ["-0.1", "1.0", "1.5"])
+def test_a_hit_rate_outside_0_1_is_refused(rate: str) -> None:
+    with pytest.raises(ParaflowError, match=f"plan_cache_hit_rate={rate}: .*in \\[0, 1\\)"):
+        make_plan(compose([*TWO_BANDS, f"{DENOISE}.cache=first_block",
+                           f"plan_cache_hit_rate={rate}"]))
+
+
+def test_a_hit_rate_is_refused_where_the_cache_has_a_schedule_or_none() -> None:
+    with pytest.raises(ParaflowError, match="plan_cache_hit_rate=0.5: .*deepcache reuses on a "
+                                            "schedule"):
+        make_plan(compose([*TWO_BANDS, f"{DENOISE}.cache=deepcache",
+                           "plan_cache_hit_rate=0.5"]))
+    with pytest.raises(ParaflowError, match="plan_cache_hit_rate=0.5: the run has no step cache"):
+        make_plan(compose([*TWO_BANDS, "plan_cache_hit_rate=0.5"]))
 
 
 def test_sdxl_at_3840_on_8_devices_plans_without_memory() -> None:

@@ -20,6 +20,9 @@ plans() {
   python -m paraflow.plan "${sdxl[@]}" --figure $F/plan_sdxl_3840_1.md >/dev/null
   python -m paraflow.plan "${sdxl[@]}" +strategy=distrifusion launcher.devices=8 \
     --figure $F/plan_sdxl_3840_8_distrifusion.md >/dev/null
+  python -m paraflow.plan "${sdxl[@]}" +strategy=distrifusion launcher.devices=8 \
+    pipeline.stages.denoise.cache=deepcache --figure $F/plan_sdxl_3840_8_distrifusion_deepcache.md \
+    >/dev/null
 }
 
 parity() {

@@ -47,6 +47,10 @@ class CacheState:
     head: tuple[torch.Tensor, torch.Tensor | None] | None = None  # first block's output
     rest: tuple[torch.Tensor, torch.Tensor | None] | None = None  # the rest's residual
     outputs: dict[int, Any] = field(default_factory=dict)  # CachedOutput's, by hook id
+    # The planner's stand-in for the comparison in `decide` (paraflow/plan/cache.py): meta
+    # tensors hold no values, so it answers from the planned hit rate once the sums are
+    # all-reduced (and their bytes booked). None (every run): compare the sums.
+    verdict: Callable[[torch.Tensor], bool] | None = None
 
     def start(self, threshold: float, comm: Communicator | None,
               scheduled: bool = False) -> None:
@@ -76,7 +80,8 @@ class CacheState:
                             self.previous.abs().sum()]).double()
         if self.comm is not None and self.comm.world_size > 1:
             sums = self.comm.all_reduce(sums)
-        reuse = bool(sums[0] < self.threshold * sums[1])
+        reuse = bool(sums[0] < self.threshold * sums[1]) if self.verdict is None \
+            else self.verdict(sums)
         if not reuse:
             self.previous = probe
         return reuse

@@ -1,7 +1,8 @@
-"""Memory and communication plan of a run, before anything is launched or loaded: per rank, the
-weight bytes, the peak working memory (activations, exchange and stale buffers) and the bytes
-sent per step and per run, for a strategy, model, resolution and rank count. A user learns that
-a run will not fit before renting the machines.
+"""Memory, communication and compute plan of a run, before anything is launched or loaded: per
+rank, the weight bytes, the peak working memory (activations, exchange and stale buffers), the
+bytes sent and the FLOPs per step and per run and the full denoiser calls, for a strategy, model,
+resolution, rank count and step cache. A user learns that a run will not fit before renting the
+machines.
 
     python -m paraflow plan_only=true +strategy=distrifusion launcher.devices=8 \\
         model=sdxl_arch height=3840 width=3840 plan_memory_gb=80
@@ -19,8 +20,10 @@ How, and why it can be trusted without the hardware:
 - One rank of each kind then runs the strategy's own `parallelize` on meta modules (weights: the
   parameters it leaves, a DTensor shard counting its local part) and a replay of its steps
   (`distinct_steps`) and decode, counting every live tensor after each op (live.py,
-  simulate.py) and the bytes of every collective (rank.py); tests/test_plan.py checks bytes and
-  weights against real gloo runs.
+  simulate.py), the FLOPs of its products (flops.py) and the bytes of every collective
+  (rank.py); tests/test_plan.py checks bytes, weights and denoiser calls against real gloo runs.
+- A step cache (pipeline.stages.denoise.cache) is replayed installed, its decisions on the
+  planned steps (cache.py: deepcache's schedule, or first_block's plan_cache_hit_rate).
 - Fused attention is assumed (CPU and CUDA SDPA never hold the score matrix); kernel workspace
   and allocator slack are not modelled, so real peaks run somewhat higher
   (python -m paraflow.tools.plan_check measures how much).

@@ -12,6 +12,7 @@ from paraflow.errors import ParaflowError
 from paraflow.families import family_of
 from paraflow.mesh import world_of
 from paraflow.models.skeleton import COMPONENTS, pipeline_skeleton, prompt_tokens
+from paraflow.plan.cache import RATE, PlannedCache, planned_cache
 from paraflow.plan.rank import RankWork, patch_decode_wanted
 from paraflow.plan.report import Plan, RankPlan
 from paraflow.plan.seats import Seat, seats
@@ -91,6 +92,20 @@ def _device_peak(weights: dict[str, int], policies: dict[str, Policy],
     return peak
 
 
+def _cache_note(cache: PlannedCache) -> str:
+    reused = len(cache.reuse) - cache.full_calls
+    why = "its schedule of step numbers" if cache.source == "schedule" else cache.source
+    if cache.source.startswith(f"{RATE}="):
+        why += ", spread evenly"
+    return (f"step cache {cache.kind} (pipeline.stages.{cache.stage}): {cache.full_calls} full "
+            f"denoiser call(s) for {len(cache.reuse)} steps, {reused} reused (hit rate "
+            f"{cache.hit_rate:.3g} of the steps after the first, from {why}); replayed with the "
+            "cache installed: a reused step's skipped blocks compute and exchange nothing, "
+            "their cached features are held between steps (carried)"
+            + ("; each step after the first all-reduces the decision's 2 float64 sums over "
+               "the ranks sharing the image" if cache.decides else ""))
+
+
 def make_plan(cfg: DictConfig) -> Plan:
     """The plan of `cfg` (composed as paraflow.api.compose does); the same checks as a run,
     except those against this machine's devices. No weights are loaded."""
@@ -103,6 +118,7 @@ def make_plan(cfg: DictConfig) -> Plan:
                             "(unet/ or transformer/config.json, vae/config.json) and found none; "
                             "give a local pipeline folder (model.path), or plan an architecture "
                             "preset: model=sdxl_arch, sd15_arch or pixart_sigma_arch")
+    cache, cache_notes = planned_cache(cfg)
     policies = stage_policies(cfg)
     factor = model_factor(cfg.model)
     inputs = _inputs(cfg, model, factor)
@@ -118,7 +134,7 @@ def make_plan(cfg: DictConfig) -> Plan:
     rows = []
     for seat in every:
         if seat.key not in works:
-            works[seat.key] = RankWork(cfg, seat, inputs, policies, cpu)
+            works[seat.key] = RankWork(cfg, seat, inputs, policies, cpu, cache)
         work = works[seat.key]
         weights = {**loaded, **work.weights}
         activations = {"denoise": work.peaks[0], "decode": work.peaks[1]}
@@ -126,7 +142,8 @@ def make_plan(cfg: DictConfig) -> Plan:
         rows.append(RankPlan(
             seat.rank, seat.label, seat.images, weights, activations, work.carried,
             work.per_step, work.decode, _gather_bytes(seat, images_of, gathered),
-            peak, None if budget is None else peak <= budget))
+            peak, None if budget is None else peak <= budget, work.flops_per_step,
+            work.flops_decode, work.denoiser_calls))
     strategy = every[0].strategy
     summary = {
         "model": str(cfg.model.name), "height": int(cfg.height), "width": int(cfg.width),
@@ -139,6 +156,7 @@ def make_plan(cfg: DictConfig) -> Plan:
         "patch_decode": patch_decode_wanted(cfg, strategy) and world_of(cfg) > 1,
         "target": target,
         "replayed_ranks": len(works),
+        "cache": cache.summary() if cache is not None else {"kind": "none"},
     }
     notes = [
         f"strategy {strategy.name}: planned by replaying its own setup, parallelize and steps "
@@ -156,7 +174,12 @@ def make_plan(cfg: DictConfig) -> Plan:
         "the next (displaced patch: the stale pieces)",
         "bytes sent as paraflow's communicator counts them (ring algorithms), per rank; the "
         "result gather as the default gather over the strategy's result_comm",
+        "FLOP: the matrix products, convolutions and attention each rank computes (2 per "
+        "multiply-add; element-wise ops left out); calls: full denoiser calls",
+        *cache_notes,
     ]
+    if cache is not None:
+        notes.append(_cache_note(cache))
     if cpu and world_of(cfg) > 1 and _accelerator(cfg) == "auto":
         notes.append("planned for CPU ranks (launcher.accelerator=auto on a machine without "
                      "CUDA); add launcher.accelerator=cuda to plan GPUs")

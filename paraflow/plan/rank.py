@@ -1,7 +1,8 @@
 """One kind of rank (seats with equal keys): the rank's Session (paraflow/session.py: the
 strategy set up and laid over the pipeline, as a run builds it) on meta modules, then a replay of
-each pass it makes through the same denoise loop (simulate.py), giving its weights, its peak
-working memory and the bytes it sends at every step and in the decode."""
+each pass it makes through the same denoise loop (simulate.py), with the run's step cache if any
+(cache.py), giving its weights, its peak working memory, and the bytes it sends and the FLOPs it
+computes at every step and in the decode."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from torch import nn
 from paraflow.config import StageParallel
 from paraflow.graph import execution_order
 from paraflow.models.skeleton import component_skeleton, denoiser_component
+from paraflow.plan.cache import PlannedCache
 from paraflow.plan.seats import Seat, fresh
 from paraflow.plan.simulate import Inputs, replay
 from paraflow.plan.weights import Policy, module_bytes
@@ -59,13 +61,36 @@ def step_like(distinct: list[int], step: int) -> int:
     return max((s for s in distinct if s <= step), default=min(distinct))
 
 
+def step_kinds(distinct: list[int], cache: PlannedCache | None,
+               steps: int) -> tuple[list[int], list[int]]:
+    """(the steps to replay, in order; per step of the run, the replayed step it costs like).
+    Without a step cache: the strategy's distinct steps. With one, a step's kind is also
+    whether it reuses and whether it is the first (nothing cached, nothing to decide); each kind
+    is replayed at the strategy's own distinct step where that step is of the kind, else at its
+    first step (so step 0, with nothing cached, is always replayed first)."""
+    def kind(step: int) -> tuple[Any, ...]:
+        like = step_like(distinct, step)
+        return (like,) if cache is None else (like, step == 0, cache.reuse[step])
+
+    chosen: dict[tuple[Any, ...], int] = {}
+    for step in range(steps):
+        key, own = kind(step), step_like(distinct, step)
+        if key not in chosen:
+            chosen[key] = own if own < steps and kind(own) == key else step
+    costs = [chosen[kind(step)] for step in range(steps)]
+    return sorted(set(costs)), costs
+
+
 class RankWork:
     """Weights, traffic and memory of the ranks that share `seat`'s key."""
 
     def __init__(self, cfg: DictConfig, seat: Seat, inputs: Inputs,
-                 policies: dict[str, Policy], cpu: bool) -> None:
+                 policies: dict[str, Policy], cpu: bool, cache: PlannedCache | None) -> None:
         steps = int(cfg.steps)
         self.per_step, self.decode, self.carried = [0] * steps, 0, 0
+        self.flops_per_step, self.flops_decode = [0] * steps, 0
+        full = cache.full_calls if cache is not None else steps
+        self.denoiser_calls = full * len(seat.chunks)  # full calls, one per step and pass
         self.peaks = (0, 0)
         self.weights: dict[str, int] = {}
         sizes = Counter(seat.chunks) or Counter({0: 0})  # no images: parallelised all the same
@@ -83,11 +108,14 @@ class RankWork:
             banded = banded_vae(strategy)
             in_bands = (patch_decode_wanted(cfg, strategy) and banded is not None
                         and banded.image_comm(ctx).world_size > 1)
-            done = replay(strategy, ctx, unet, vae, inputs, images, steps, in_bands, cpu)
+            replayed, costs = step_kinds(planned(strategy).distinct_steps(steps), cache, steps)
+            done = replay(strategy, ctx, unet, vae, inputs, images, replayed, in_bands, cpu,
+                          cache)
             self.peaks = (max(self.peaks[0], done.denoise_peak),
                           max(self.peaks[1], done.decode_peak))
             self.carried = max(self.carried, done.carried)
-            distinct = planned(strategy).distinct_steps(steps)
-            for step in range(steps):
-                self.per_step[step] += count * done.booked.get(step_like(distinct, step), 0)
+            for step, like in enumerate(costs):
+                self.per_step[step] += count * done.booked.get(like, 0)
+                self.flops_per_step[step] += count * done.flops.get(like, 0)
             self.decode += count * done.booked.get(None, 0)
+            self.flops_decode += count * done.flops.get(None, 0)

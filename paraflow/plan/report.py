@@ -20,6 +20,11 @@ class RankPlan:
     comm_gather: int  # the images (and latents) gathered to rank 0
     device_peak: int  # resident weights + the largest phase, on the device
     fits: bool | None = None  # against the plan's budget (None: no budget)
+    # FLOPs computed at each denoising step (all batches of the rank) and in the decode:
+    # matrix products, convolutions, attention (paraflow/plan/flops.py)
+    flops_per_step: list[int] = field(default_factory=list)
+    flops_decode: int = 0
+    denoiser_calls: int = 0  # full denoiser calls (a step cache's reused steps are not)
 
     @property
     def comm_run(self) -> int:
@@ -30,8 +35,13 @@ class RankPlan:
         """Denoising and decode traffic per image this rank makes (the result gather aside)."""
         return (sum(self.comm_per_step) + self.comm_decode) // max(self.images, 1)
 
+    @property
+    def flops_run(self) -> int:
+        return sum(self.flops_per_step) + self.flops_decode
+
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "comm_run": self.comm_run, "comm_per_image": self.comm_per_image}
+        return {**asdict(self), "comm_run": self.comm_run, "comm_per_image": self.comm_per_image,
+                "flops_run": self.flops_run}
 
 
 @dataclass
@@ -59,18 +69,19 @@ class Plan:
                             if k not in ("model", "height", "width", "strategy")), "",
                  "| rank | role | images | weights " + "/".join(self.ranks[0].weights)
                  + " | act. denoise | act. decode | carried | device peak | sent/step | "
-                   "sent/image | sent/run | fits |",
-                 "|" + "---|" * 12]
+                   "sent/image | sent/run | FLOP/step | FLOP/run | calls | fits |",
+                 "|" + "---|" * 15]
         for r in self.ranks:
-            steps = sorted(set(r.comm_per_step), reverse=True)
             fits = "–" if r.fits is None else ("yes" if r.fits else "**no**")
             lines.append(
                 f"| {r.rank} | {r.role} | {r.images} | "
                 + " / ".join(human(b) for b in r.weights.values())
                 + f" | {human(r.activations['denoise'])} | {human(r.activations['decode'])} | "
                 f"{human(r.carried_bytes)} | {human(r.device_peak)} | "
-                + (" · ".join(human(b) for b in steps) or "0")
-                + f" | {human(r.comm_per_image)} | {human(r.comm_run)} | {fits} |")
+                + _distinct(r.comm_per_step, human)
+                + f" | {human(r.comm_per_image)} | {human(r.comm_run)} | "
+                + _distinct(r.flops_per_step, flop) + f" | {flop(r.flops_run)} | "
+                f"{r.denoiser_calls} | {fits} |")
         budget = "none" if self.budget_bytes is None else human(self.budget_bytes)
         verdict = {None: "no budget to check against", True: "fits on every rank",
                    False: "does NOT fit"}[self.fits]
@@ -84,6 +95,19 @@ def human(nbytes: float) -> str:
         if abs(nbytes) >= size:
             return f"{nbytes / size:.3g} {unit}"
     return f"{nbytes:.0f} B"
+
+
+def flop(count: float) -> str:
+    for unit, size in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(count) >= size:
+            return f"{count / size:.3g} {unit}"
+    return f"{count:.0f}"
+
+
+def _distinct(per_step: list[int], show: Any) -> str:
+    """The different per-step figures, largest first (full steps, then reused or displaced)."""
+    shown = dict.fromkeys(show(v) for v in sorted(set(per_step), reverse=True))
+    return " · ".join(shown) or "0"
 
 
 def _text(value: Any) -> str:
