@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -56,6 +57,21 @@ def read_images(out_dir: Path) -> list[np.ndarray]:
 
 def read_latents(out_dir: Path) -> Any:
     return load_file(str(out_dir / "latents.safetensors"))["latents"]
+
+
+def one_device_run(tmp_path: Path, name: str, steps: int, overrides: list[str]
+                   ) -> dict[str, Any]:
+    """A run on one device (in this process): its latents, first image, and rank 0's denoiser
+    calls, reused steps and compilation from run.json."""
+    from paraflow.api import compose, generate
+
+    out = tmp_path / name
+    generate(compose([f"steps={steps}", "save_latents=true", "pipeline.progress=false",
+                      "launcher.threads_per_rank=1", *overrides]), out)
+    record = json.loads((out / "run.json").read_text())
+    return {"latents": read_latents(out), "image": read_images(out)[0],
+            "calls": record["denoiser_calls"][0], "reused": record["reused_steps"][0],
+            "compile": record["compile"][0]}
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,6 @@ Bad kinds and options are refused before launch. On 2 ranks: test_cache_parallel
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -15,11 +14,11 @@ import pytest
 import torch
 from hydra.errors import ConfigCompositionException
 
-from paraflow.api import compose, generate
+from paraflow.api import compose
 from paraflow.errors import ParaflowError
 from paraflow.metrics import psnr
 from paraflow.validate import validate
-from tests.conftest import read_images, read_latents
+from tests.conftest import one_device_run
 
 STEPS = 10
 C = "pipeline.stages.denoise."
@@ -30,12 +29,7 @@ FAMILIES = {"tiny_random": ["height=64", "width=64"],
 
 
 def run(tmp_path: Path, name: str, overrides: list[str]) -> dict[str, Any]:
-    out = tmp_path / name
-    generate(compose([f"steps={STEPS}", "save_latents=true", "pipeline.progress=false",
-                      "launcher.threads_per_rank=1", *overrides]), out)
-    record = json.loads((out / "run.json").read_text())
-    return {"latents": read_latents(out), "image": read_images(out)[0],
-            "calls": record["denoiser_calls"][0], "reused": record["reused_steps"][0]}
+    return one_device_run(tmp_path, name, STEPS, overrides)
 
 
 def cache(kind: str, **options: float) -> list[str]:

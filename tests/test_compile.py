@@ -7,7 +7,6 @@ blocks, and bad settings refused before launch."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +15,10 @@ import pytest
 import torch
 from hydra.errors import ConfigCompositionException
 
-from paraflow.api import compose, generate
+from paraflow.api import compose
 from paraflow.errors import ParaflowError
 from paraflow.validate import validate
-from tests.conftest import read_images, read_latents
+from tests.conftest import one_device_run
 
 STEPS = 4
 D = "pipeline.stages.denoise."
@@ -27,16 +26,12 @@ EAGER = [f"{D}compile_options.backend=eager"]  # dynamo's capture without code g
 
 
 def run(tmp_path: Path, name: str, overrides: list[str]) -> dict[str, Any]:
-    out = tmp_path / name
-    generate(compose([f"steps={STEPS}", "save_latents=true", "pipeline.progress=false",
-                      "launcher.threads_per_rank=1", *overrides]), out)
-    record = json.loads((out / "run.json").read_text())
-    return {"latents": read_latents(out), "image": read_images(out)[0],
-            "compile": record["compile"][0], "calls": record["denoiser_calls"][0]}
+    return one_device_run(tmp_path, name, STEPS, overrides)
 
 
-@pytest.mark.parametrize("model,size", [("tiny_random", ["height=64", "width=64"]),
-                                        ("tiny_flux_random", ["height=48", "width=80"])])
+@pytest.mark.parametrize("model,size", [
+    ("tiny_random", ["height=64", "width=64"]),
+    pytest.param("tiny_flux_random", ["height=48", "width=80"], marks=pytest.mark.slow)])
 def test_regional_and_full_compile_equal_eager_without_graph_breaks(
         tmp_path: Path, model: str, size: list[str]) -> None:
     base = [f"model={model}", *size]
@@ -50,6 +45,7 @@ def test_regional_and_full_compile_equal_eager_without_graph_breaks(
         assert torch.allclose(compiled["latents"], plain["latents"], atol=1e-6)
 
 
+@pytest.mark.slow
 def test_a_compiled_decode_and_a_cache_around_compiled_blocks(tmp_path: Path) -> None:
     """The VAE's blocks compiled (decode), and a first-block cache whose hooks wrap the
     compiled blocks: it decides and skips as it does eagerly, with no graph break."""

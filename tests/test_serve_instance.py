@@ -428,3 +428,36 @@ def test_a_diffusion_transformer_instance_serves_the_run_s_image(model: str,
                       "pipeline.progress=false"]), tmp_path / "run")
     (served,), (made,) = images_of(answer.json()), read_images(tmp_path / "run")
     assert served.shape == (48, 64, 3) and np.array_equal(served, made)
+
+
+@pytest.mark.slow
+def test_a_compiled_cached_instance_compiles_before_ready_and_counts_cache_hits(
+        tmp_path: Path) -> None:
+    """Compile and a step cache by config: the instance compiles during its warm-up (at a
+    request's default size and steps), before /readyz answers, so the first request compiles
+    nothing new; the cache's reused steps are counted in its metrics; the image equals the run's
+    with the same settings."""
+    from paraflow.compile import compile_counts
+
+    policy = ["pipeline.stages.denoise.compile=regional",
+              "pipeline.stages.denoise.compile_options.backend=eager",
+              "pipeline.stages.denoise.cache=first_block",
+              "pipeline.stages.denoise.cache_options.threshold=0.5"]
+    app = build([*INSTANCE, "serve.instance.warmup=true", "serve.limits.max_steps=4",
+                 *policy])[1]
+    with TestClient(app) as served:
+        assert served.get("/readyz").status_code == 200
+        assert counter(app, "paraflow_warmup_seconds") > 0
+        warm = compile_counts()
+        assert warm["graphs"] > 0 and warm["graph_breaks"] == {}
+        answer = served.post(URL, json={"prompt": "a red circle", "seed": 3, "steps": 4,
+                                        "guidance_scale": 5.0})
+        assert answer.status_code == 200, answer.text
+        assert compile_counts()["graphs"] == warm["graphs"]  # nothing compiled on request
+        reused = counter(app, "paraflow_reused_steps_total")
+        full = counter(app, "paraflow_denoiser_calls_total")
+    assert reused > 0 and full > 0
+    generate(compose([*COMPUTE, *policy, "prompt=a red circle", "seed=3", "steps=4",
+                      "guidance_scale=5.0", "pipeline.progress=false"]), tmp_path / "run")
+    (image,), (made,) = images_of(answer.json()), read_images(tmp_path / "run")
+    assert np.abs(image.astype(int) - made.astype(int)).max() <= 1

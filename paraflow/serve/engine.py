@@ -27,6 +27,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from paraflow import devices
+from paraflow.compile import any_stage_compiles
 from paraflow.config import AdapterChoice
 from paraflow.context import ParallelContext
 from paraflow.errors import ParaflowError, stage_now
@@ -129,12 +130,25 @@ class Engine:
         self.metrics.record_devices([devices.sample(self.device, self.ctx.rank)])
         self.worker.start()
         if warmup:  # the first call pays one-off costs (allocations, kernel choice)
-            from paraflow.serve.requests import ImagesRequest
-
-            side = self.limits.multiple * 8
-            request = ImagesRequest(prompt="warm-up", size=f"{side}x{side}", steps=1)
-            self.submit(Job(request, side, side, 0)).result()
+            started = time.perf_counter()
+            self.submit(self._warmup_job()).result()
+            self.metrics.warmup.set(time.perf_counter() - started)
         self.ready.set()
+
+    def _warmup_job(self) -> Job:
+        """A small one-step request; an instance that compiles (pipeline.stages.*.compile)
+        compiles at a request's default size and step count, the graphs most requests then
+        reuse (another size recompiles once with dynamic shapes: torch's automatic dynamic)."""
+        from paraflow.serve.requests import ImagesRequest
+
+        default = ImagesRequest(prompt="warm-up")
+        width, height = (int(v) for v in default.size.split("x"))
+        if any_stage_compiles(self.cfg.pipeline.stages) and \
+                not (width % self.limits.multiple or height % self.limits.multiple):
+            steps = min(default.steps, self.limits.max_steps)
+            return Job(default.model_copy(update={"steps": steps}), height, width, 0)
+        side = self.limits.multiple * 8
+        return Job(ImagesRequest(prompt="warm-up", size=f"{side}x{side}", steps=1), side, side, 0)
 
     def submit(self, job: Job) -> Any:
         try:
@@ -279,6 +293,9 @@ class Engine:
             return [[] for _ in jobs]
         self.metrics.images.inc(len(prompts))
         self.metrics.batches.inc()
+        calls = done.env.denoiser_calls  # a step cache's hits (paraflow/cache)
+        self.metrics.denoiser_calls.inc(calls.full)
+        self.metrics.reused_steps.inc(len(calls.reused))
         return [[png(gathered.images[i]) for i in range(len(prompts)) if owner[i] == j]
                 for j in range(len(jobs))]
 

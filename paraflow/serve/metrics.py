@@ -24,6 +24,12 @@ class InstanceMetrics:
                                  buckets=LATENCY_BUCKETS, registry=r)
         self.images = Counter("paraflow_images", "images generated", registry=r)
         self.steps = Counter("paraflow_denoise_steps", "denoising steps run", registry=r)
+        self.denoiser_calls = Counter("paraflow_denoiser_calls", "full denoiser calls (rank 0)",
+                                      registry=r)
+        self.reused_steps = Counter("paraflow_reused_steps",
+                                    "denoising steps a step cache answered (rank 0)", registry=r)
+        self.warmup = Gauge("paraflow_warmup_seconds", "the start-up request, compilation "
+                            "included (before /readyz answers)", registry=r)
         self.batches = Counter("paraflow_batches", "batches run (requests alike run as one)",
                                registry=r)
         self.cache = Counter("paraflow_embedding_cache", "prompt embedding lookups",

@@ -44,6 +44,7 @@ class PatchState:
     whole_input: torch.Tensor | None = None  # the model call's input, whole (every rank has it)
     context_tokens: int = 0  # text tokens of the call (Flux's single-stream blocks lead with them)
     step: int = 0
+    fresh: bool = True  # this step's activations are fresh (begin_step; `synchronous`)
     previous: dict[str, list[torch.Tensor | None]] = field(default_factory=dict)
     _pending: dict[torch.dtype, list[tuple[str, torch.Tensor]]] = field(default_factory=dict)
     _pending_bytes: int = 0
@@ -52,7 +53,7 @@ class PatchState:
     @property
     def synchronous(self) -> bool:
         """Fresh activations this step (every step of sync_patch; warm-up of displaced)."""
-        return not self.displaced or self.step <= self.warmup_steps
+        return self.fresh
 
     @property
     def band(self) -> BandPlan:
@@ -65,6 +66,9 @@ class PatchState:
             self.drain()
             self.previous.clear()
         self.step = step
+        # A flag set here, not a comparison of the step number in the layers: compiled layers
+        # guard on it and compile twice (fresh, displaced) instead of once per step.
+        self.fresh = not self.displaced or step <= self.warmup_steps
 
     def gather(self, key: str, piece: torch.Tensor) -> list[torch.Tensor]:
         """Every rank's fresh `piece` now (blocking); with displaced steps to come, kept for

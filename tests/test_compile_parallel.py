@@ -1,0 +1,82 @@
+"""Compiled stages on 2 ranks (the session's kept gloo ranks), against the same strategy eager:
+
+- inductor (C++ kernels from the machine's compiler) on the tiny PixArt, regional, for data,
+  tensor, sync_patch, Ulysses and distrifusion: latents within 1e-4 of eager, zero graph breaks;
+- dynamo's capture (`backend=eager`: the graphs run op for op, so the comparison is tight) on
+  the tiny UNet, whose patch layers (convolution halos, GroupNorm statistics) only a UNet has,
+  for sync_patch and distrifusion: zero breaks; the compiled exchanges count the same bytes per
+  step; displaced patch compiles each region at most three ways (synchronous, the first
+  displaced step, the later ones), not once per step;
+- a diffusers dispatch backend through the band processors equals torch's default kernel.
+
+Inductor on the UNet is left to the benchmark: its 7 regions take minutes to compile cold here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from tests.patch_helpers import config, latents, run_many
+
+pytestmark = pytest.mark.slow
+D = "pipeline.stages.denoise."
+UNET = ["model=tiny_random", "steps=5", "height=64", "width=64"]
+DIT = ["model=tiny_pixart_random", "steps=4", "height=48", "width=80"]
+UNET_REGIONS = 7  # the tiny UNet's 3 down blocks, mid block and 3 up blocks (compile_regions)
+CASES = {  # name → (model and strategy on 2 ranks, compile overrides)
+    "pixart_data": ([*DIT, "+strategy=data", "images_per_prompt=2"], []),
+    "pixart_tensor": ([*DIT, "+strategy=tensor"], []),
+    "pixart_sync_patch": ([*DIT, "+strategy=sync_patch"], []),
+    "pixart_ulysses": ([*DIT, "+strategy=ulysses"], []),
+    "pixart_distrifusion": ([*DIT, "+strategy=distrifusion"], []),
+    "unet_sync_patch": ([*UNET, "+strategy=sync_patch"], [f"{D}compile_options.backend=eager"]),
+    "unet_distrifusion": ([*UNET, "+strategy=distrifusion"],
+                          [f"{D}compile_options.backend=eager"]),
+}
+DISPATCH = [*DIT, "+strategy=sync_patch", "attention.backend=_native_math"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
+    tmp = tmp_path_factory.mktemp("compile")
+    named: dict[str, list[str]] = {}
+    for name, (base, options) in CASES.items():
+        named[f"{name}-eager"] = [*base, "launcher.devices=2"]
+        named[f"{name}-compiled"] = [*base, "launcher.devices=2", f"{D}compile=regional",
+                                     *options]
+    named["dispatch"] = [*DISPATCH, "launcher.devices=2"]
+    cfgs = [config(overrides, tmp / name) for name, overrides in named.items()]
+    return dict(zip(named, run_many(cfgs)))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_compiled_equals_eager_without_graph_breaks(case: str, runs: Any) -> None:
+    eager, compiled = runs[f"{case}-eager"], runs[f"{case}-compiled"]
+    assert torch.allclose(latents(compiled), latents(eager), atol=1e-4)
+    for rank in range(2):
+        report = compiled["compile"][rank]
+        assert report["graph_breaks"] == {}, (rank, report["graph_breaks"])
+        images = compiled["images_per_rank"][rank]
+        assert report["graphs"] >= 1 or images == 0, (rank, report)
+        assert eager["compile"][rank]["graphs"] == 0
+
+
+def test_compiled_exchanges_count_the_same_bytes(runs: Any) -> None:
+    """The compiled layers count their bytes in a tensor, booked at each step's end."""
+    eager, compiled = runs["unet_sync_patch-eager"], runs["unet_sync_patch-compiled"]
+    assert compiled["comm_bytes_per_step"] == eager["comm_bytes_per_step"]
+    assert compiled["comm_bytes"] == eager["comm_bytes"]
+
+
+def test_displaced_patch_compiles_a_bounded_number_of_variants(runs: Any) -> None:
+    compiled = runs["unet_distrifusion-compiled"]
+    for report in compiled["compile"]:
+        assert report["graphs"] <= 3 * UNET_REGIONS, report
+
+
+def test_a_dispatch_backend_in_the_band_processors_equals_torch_s_kernel(runs: Any) -> None:
+    assert torch.allclose(latents(runs["dispatch"]), latents(runs["pixart_sync_patch-eager"]),
+                          atol=1e-5)
