@@ -24,3 +24,10 @@ def test_gpu_check_quick_on_cpu(tmp_path: Path) -> None:
     assert results["shared"]["ok"] and results["shared"]["max_abs_latents"] <= 1e-4
     assert results["device"]["device"] == "cpu" and results["device"]["memory"] > 0
     assert "GPU check on CPU" in (tmp_path / "gpu_check.md").read_text()
+    flux, unet = ({r["name"]: r for r in case["rows"]} for case in results["accelerate"])
+    for rows, skipped in ((flux, "deepcache 3"), (unet, "taylorseer 3")):
+        assert "skipped" in rows[skipped] and "skipped" in rows["sdpa_flash"]  # on a CPU
+        assert "skipped" in rows["regional reduce-overhead"]
+        assert rows["regional"]["graph_breaks"] == 0 and rows["full"]["graph_breaks"] == 0
+        assert rows["regional"]["psnr_image_db"] > 60  # dynamo's capture: the same operations
+        assert rows["first_block 0.1"]["denoiser_calls"] <= 6

@@ -44,6 +44,7 @@ bench() {
   python -m paraflow.bench preset=throughput "sizes=[512,1024]" memory_pass=false \
     cost.device_hour=1 +figure=$F/bench_throughput_cost.md >/dev/null
   python -m paraflow.bench preset=accelerate +figure=$F/bench_accelerate.md >/dev/null
+  python -m paraflow.bench preset=accelerate_dit +figure=$F/bench_accelerate_dit.md >/dev/null
 }
 
 samples() {  # the default model's sample grids (docs/default_model.md), captions beside them
