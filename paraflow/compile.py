@@ -133,6 +133,12 @@ def compile_stage_modules(spec: Any, modules: dict[str, nn.Module]) -> None:
         else:
             from paraflow.families import family_of  # the denoisers' families
             targets = family_of(module).compile_regions(module)
+        # Blocks alike share one compiled code object, and a block whose layers keep their own
+        # state (displaced patch keys each layer's stale activations by name) guards on it: up
+        # to three variants per block (synchronous, first displaced, later displaced) must fit
+        # under dynamo's recompile limit, or the rest would run eagerly.
+        limit = torch._dynamo.config
+        limit.recompile_limit = max(int(limit.recompile_limit), 3 * len(targets) + 2)
         for target in targets:
             if mode == "full":
                 target.compile(**kwargs)

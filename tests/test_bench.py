@@ -86,7 +86,7 @@ def test_bench_command_writes_table_csv_json_and_plots(tmp_path: Path) -> None:
     assert rows[("tensor", 3, 1)]["status"].startswith("skipped: ") and "allows: 1, 2, 4" in \
         rows[("tensor", 3, 1)]["status"]
     for name in ("bench.csv", "bench.md", "latency.png", "speedup.png", "bytes_per_image.png",
-                 "psnr.png"):
+                 "psnr.png", "speed_quality.png"):
         assert (out / name).stat().st_size > 0, name
     assert "sync_patch" in (out / "bench.csv").read_text()
 

@@ -76,11 +76,30 @@ def _bar_plot(rows: list[dict[str, Any]], key: str, ylabel: str, path: Path,
     plt.close(fig)
 
 
+def _speed_quality_plot(rows: list[dict[str, Any]], path: Path, cap: float = 100) -> None:
+    """Speedup against PSNR, one point per cell: what a step cache or a displaced exchange
+    trades (preset=accelerate)."""
+    fig, axes, sizes = _panels(rows)
+    for ax, size in zip(axes, sizes):
+        for r in rows:
+            if r["size"] != size or r.get("speedup") is None or r.get("psnr_db") is None:
+                continue
+            quality = cap if math.isinf(r["psnr_db"]) else r["psnr_db"]
+            ax.scatter(quality, r["speedup"], s=14)
+            ax.annotate(f"{_label(r)} ×{r['ranks']}", (quality, r["speedup"]), fontsize=6)
+        ax.set(title=f"{size}²", xlabel=f"PSNR vs one device, dB (exact shown as {cap:g})",
+               ylabel="speedup over one device")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def plot_all(rows: list[dict[str, Any]], out: Path) -> list[Path]:
     paths = [out / name for name in ("latency.png", "speedup.png", "bytes_per_image.png",
-                                     "psnr.png")]
+                                     "psnr.png", "speed_quality.png")]
     _line_plot(rows, "latency_s", "latency of the run (s)", paths[0])
     _line_plot(rows, "speedup", "speedup over 1 rank × 1 thread", paths[1], ideal=True)
     _bar_plot(rows, "bytes_per_image_per_rank", "bytes per image per rank", paths[2])
     _bar_plot(rows, "psnr_db", "PSNR vs one device (dB; exact shown as 100)", paths[3], cap=100)
+    _speed_quality_plot(rows, paths[4])
     return paths
