@@ -173,8 +173,20 @@ def any_stage_compiles(stages: Any) -> bool:
     return any(compile_mode(spec) != "none" for spec in stages.values())
 
 
-def fresh_compilation() -> None:
-    """Forget what an earlier session in this process compiled: dynamo caches by code object,
-    with guards on the modules it saw, so a new session's modules would pile up recompilations
-    (and past torch's recompile limit run eagerly). Inductor's on-disk caches stay."""
-    torch._dynamo.reset()
+_compiled_for: str | None = None  # the last compiling session's configuration, in this process
+
+
+def fresh_compilation(cfg: Any) -> None:
+    """Before a session that compiles: forget what an earlier session of another configuration
+    compiled in this process (kept ranks run many). Dynamo caches by code object, with guards on
+    what it saw, so another model's or strategy's graphs would pile up recompilations (and past
+    torch's recompile limit run eagerly); a session of the same configuration reuses them,
+    as a service's or a benchmark's repeated runs do. Inductor's on-disk caches stay."""
+    global _compiled_for
+    from omegaconf import OmegaConf
+
+    signature = OmegaConf.to_yaml({key: cfg.get(key) for key in
+                                   ("model", "strategy", "pipeline", "attention", "launcher")})
+    if signature != _compiled_for:
+        torch._dynamo.reset()
+        _compiled_for = signature

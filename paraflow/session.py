@@ -56,7 +56,7 @@ class Session:
                  load: Loader = load_pipeline) -> None:
         self.ctx, self.cfg = ctx, cfg
         if any_stage_compiles(cfg.pipeline.stages):
-            fresh_compilation()
+            fresh_compilation(cfg)
         self.pipe = load(cfg.model, cfg.scheduler)
         self.strategy = strategy or build_strategy(cfg.strategy)
         self.strategy.setup(ctx)

@@ -1,10 +1,11 @@
 """Step caches on 2 ranks (the session's kept gloo ranks), for every kind of strategy:
 
 - threshold 0 (nothing reused): each strategy equals its own uncached run within 1e-5;
-- reusing: every rank of an image records the same reused steps (the decision is one
-  all-reduce of two float64 sums per step over the ranks sharing the image, which the
-  communicator counts: 16 bytes per rank and step); `data` replicas decide alone; the image
-  stays within a stated PSNR of one device without cache;
+- reusing: every rank of an image (bands, and guidance halves with cfg_split) records the same
+  reused steps, one device's (the decision is one all-reduce of two float64 sums per step over
+  the ranks sharing the image, which the communicator counts: 16 bytes per rank and step);
+  `data` replicas decide alone; the image stays within a stated PSNR of one device without
+  cache;
 - taylorseer (PixArt and Flux, sync_patch and ulysses): the step number decides, with no
   collective, and each rank forecasts its own band: one device's taylorseer run, within what
   patch parallelism is held to without a cache (check_exact: latents within 1e-4, pixels 1 grey
@@ -35,6 +36,7 @@ UNET = ["model=tiny_random", f"steps={STEPS}", "height=64", "width=64"]
 DIT = ["model=tiny_pixart_random", f"steps={STEPS}", "height=48", "width=80"]
 STRATEGIES = {  # name → (model, strategy overrides on 2 ranks)
     "sync_patch": (UNET, ["+strategy=sync_patch"]),
+    "sync_patch_cfg_split": (UNET, ["+strategy=sync_patch", "strategy.cfg_split=true"]),
     "ulysses": (UNET, ["+strategy=ulysses"]),
     "distrifusion": (UNET, ["+strategy=distrifusion"]),
     "tensor": (UNET, ["+strategy=tensor"]),
@@ -143,3 +145,17 @@ def test_data_replicas_decide_alone(runs: Any) -> None:
     assert reusing["denoiser_calls"][0] + len(reusing["reused_steps"][0]) == STEPS
     assert reusing["denoiser_calls"][1] + len(reusing["reused_steps"][1]) == STEPS
     assert reusing["comm_bytes_per_step"] == runs["data", "plain"]["comm_bytes_per_step"]
+
+
+@pytest.fixture(scope="module")
+def one_device_reusing(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    return run_single(config([*UNET, *VARIANTS["reusing"]],
+                             tmp_path_factory.mktemp("one-reusing") / "unet"))
+
+
+@pytest.mark.parametrize("strategy", ["sync_patch", "sync_patch_cfg_split"])
+def test_bands_and_guidance_halves_decide_as_one_device_would(
+        strategy: str, runs: Any, one_device_reusing: Any) -> None:
+    """The bands (and, with the guidance split, the two halves of the batch on different ranks)
+    add their sums into the whole image's: the steps reused are one device's."""
+    assert runs[strategy, "reusing"]["reused_steps"] == [one_device_reusing["reused_steps"]] * 2

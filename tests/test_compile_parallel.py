@@ -4,12 +4,12 @@
   tensor, sync_patch, Ulysses and distrifusion: latents within 1e-4 of eager, zero graph breaks;
 - dynamo's capture (`backend=eager`: the graphs run op for op, so the comparison is tight) on
   the tiny UNet, whose patch layers (convolution halos, GroupNorm statistics) only a UNet has,
-  for sync_patch and distrifusion: zero breaks; the compiled exchanges count the same bytes per
-  step; displaced patch compiles each region at most three ways (synchronous, the first
-  displaced step, the later ones), not once per step;
+  for sync_patch (its banded decode compiled too) and distrifusion: zero breaks; the compiled
+  exchanges count the same bytes per step; displaced patch compiles each region at most three
+  ways (synchronous, the first displaced step, the later ones), not once per step;
 - a diffusers dispatch backend through the band processors equals torch's default kernel.
 
-Inductor on the UNet is left to the benchmark: its 7 regions take minutes to compile cold here.
+Inductor on the UNet is not run here: its 7 regions take minutes to compile cold on 2 cores.
 """
 
 from __future__ import annotations
@@ -19,10 +19,11 @@ from typing import Any
 import pytest
 import torch
 
-from tests.patch_helpers import config, latents, run_many
+from tests.patch_helpers import config, image, latents, run_many
 
 pytestmark = pytest.mark.slow
 D = "pipeline.stages.denoise."
+V = "pipeline.stages.decode."
 UNET = ["model=tiny_random", "steps=5", "height=64", "width=64"]
 DIT = ["model=tiny_pixart_random", "steps=4", "height=48", "width=80"]
 UNET_REGIONS = 7  # the tiny UNet's 3 down blocks, mid block and 3 up blocks (compile_regions)
@@ -32,7 +33,9 @@ CASES = {  # name → (model and strategy on 2 ranks, compile overrides)
     "pixart_sync_patch": ([*DIT, "+strategy=sync_patch"], []),
     "pixart_ulysses": ([*DIT, "+strategy=ulysses"], []),
     "pixart_distrifusion": ([*DIT, "+strategy=distrifusion"], []),
-    "unet_sync_patch": ([*UNET, "+strategy=sync_patch"], [f"{D}compile_options.backend=eager"]),
+    "unet_sync_patch": ([*UNET, "+strategy=sync_patch"],  # the banded decode compiled too
+                        [f"{D}compile_options.backend=eager", f"{V}compile=regional",
+                         f"{V}compile_options.backend=eager"]),
     "unet_distrifusion": ([*UNET, "+strategy=distrifusion"],
                           [f"{D}compile_options.backend=eager"]),
 }
@@ -69,6 +72,12 @@ def test_compiled_exchanges_count_the_same_bytes(runs: Any) -> None:
     eager, compiled = runs["unet_sync_patch-eager"], runs["unet_sync_patch-compiled"]
     assert compiled["comm_bytes_per_step"] == eager["comm_bytes_per_step"]
     assert compiled["comm_bytes"] == eager["comm_bytes"]
+
+
+def test_a_compiled_banded_decode_equals_eager(runs: Any) -> None:
+    eager, compiled = runs["unet_sync_patch-eager"], runs["unet_sync_patch-compiled"]
+    difference = (image(compiled) - image(eager)).abs().max()
+    assert difference <= 1, difference  # uint8 rounding of the same operations
 
 
 def test_displaced_patch_compiles_a_bounded_number_of_variants(runs: Any) -> None:
