@@ -165,20 +165,35 @@ def run_grid(bench: DictConfig, out: Path) -> list[dict[str, Any]]:
         return "".join(c if c.isalnum() or c in "-." else "_" for c in cell.name)
 
     repeats = int(bench.repeats)
-    cfgs = [prepared(compose(cell.overrides(bench)), out / "runs" / slug(cell) / f"r{r}")
-            for r in range(repeats) for cell in runnable]
+    # Cells alternate run by run (drift spreads over all alike); a compiling cell runs its
+    # repeats back to back after an untimed one, since a session of another configuration
+    # recompiles (paraflow/compile.py: fresh_compilation) and its graphs are what is measured.
+    alternating = [c for c in runnable if not compiles(c.overrides(bench))]
+    runs = [(cell, f"r{r}") for r in range(repeats) for cell in alternating]
+    runs += [(cell, name) for cell in runnable if compiles(cell.overrides(bench))
+             for name in ("compile", *(f"r{r}" for r in range(repeats)))]
+    cfgs = [prepared(compose(cell.overrides(bench)), out / "runs" / slug(cell) / name)
+            for cell, name in runs]
     records = launch_many(cfgs, discard_first=True)
+    timed: dict[Cell, list[dict[str, Any]]] = {cell: [] for cell in runnable}
+    for (cell, name), record in zip(runs, records):
+        if name != "compile":
+            timed[cell].append(record)
     memory: dict[Cell, dict[str, Any]] = {}
     if bench.memory_pass:
         passes = [prepared(compose(c.overrides(bench)), out / "runs" / slug(c) / "memory")
                   for c in runnable]
         memory = dict(zip(runnable, launch_many(passes, discard_first=True, track_memory=True)))
-    timed = {cell: records[i::len(runnable)] for i, cell in enumerate(runnable)}
     for cell in runnable:
         base = Cell("single", 1, int(bench.threads_per_rank), cell.size, cell.steps)
         rows[cell] = summarize(cell, timed[cell], memory.get(cell), timed.get(base))
         rows[cell]["cost_per_image"] = cost_per_image(rows[cell], bench)
     return [rows[c] for c in grid(bench)]
+
+
+def compiles(overrides: list[str]) -> bool:
+    """Whether a run of these overrides compiles a stage (pipeline.stages.*.compile)."""
+    return any(".compile=" in o and not o.endswith("=none") for o in overrides)
 
 
 def cost_per_image(row: dict[str, Any], bench: DictConfig) -> float | None:
