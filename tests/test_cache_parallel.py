@@ -158,4 +158,4 @@ def test_bands_and_guidance_halves_decide_as_one_device_would(
         strategy: str, runs: Any, one_device_reusing: Any) -> None:
     """The bands (and, with the guidance split, the two halves of the batch on different ranks)
     add their sums into the whole image's: the steps reused are one device's."""
-    assert runs[strategy, "reusing"]["reused_steps"] == [one_device_reusing["reused_steps"]] * 2
+    assert runs[strategy, "reusing"]["reused_steps"] == one_device_reusing["reused_steps"] * 2
