@@ -45,6 +45,7 @@ bench() {
     cost.device_hour=1 +figure=$F/bench_throughput_cost.md >/dev/null
   python -m paraflow.bench preset=accelerate +figure=$F/bench_accelerate.md >/dev/null
   python -m paraflow.bench preset=accelerate_dit +figure=$F/bench_accelerate_dit.md >/dev/null
+  python -m paraflow.bench preset=accelerate_flux +figure=$F/bench_accelerate_flux.md >/dev/null
 }
 
 samples() {  # the default model's sample grids (docs/default_model.md), captions beside them
