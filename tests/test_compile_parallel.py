@@ -1,12 +1,13 @@
 """Compiled stages on 2 ranks (the session's kept gloo ranks), against the same strategy eager:
 
-- inductor (C++ kernels from the machine's compiler) on the tiny PixArt, regional, for data,
-  tensor, sync_patch, Ulysses and distrifusion: latents within 1e-4 of eager, zero graph breaks;
-- dynamo's capture (`backend=eager`: the graphs run op for op, so the comparison is tight) on
-  the tiny UNet, whose patch layers (convolution halos, GroupNorm statistics) only a UNet has,
-  for sync_patch (its banded decode compiled too) and distrifusion: zero breaks; the compiled
-  exchanges count the same bytes per step; displaced patch compiles each region at most three
-  ways (synchronous, the first displaced step, the later ones), not once per step;
+- latents within 1e-4 of eager and zero graph breaks, regional, for data, tensor, sync_patch,
+  Ulysses and distrifusion on the tiny PixArt, and sync_patch (its banded decode compiled too)
+  and distrifusion on the tiny UNet, whose patch layers (convolution halos, GroupNorm
+  statistics) only a UNet has. Inductor (C++ kernels from the machine's compiler) compiles the
+  PixArt's sync_patch and Ulysses; the others use dynamo's capture (`backend=eager`: the same
+  graphs, run op for op), since inductor's cold compile is what costs here;
+- the compiled exchanges count the same bytes per step; displaced patch compiles each region at
+  most three ways (synchronous, the first displaced step, the later ones), not once per step;
 - a diffusers dispatch backend through the band processors equals torch's default kernel.
 
 Inductor on the UNet is not run here: its 7 regions take minutes to compile cold on 2 cores.
@@ -24,20 +25,19 @@ from tests.patch_helpers import config, image, latents, run_many
 pytestmark = pytest.mark.slow
 D = "pipeline.stages.denoise."
 V = "pipeline.stages.decode."
+CAPTURE = [f"{D}compile_options.backend=eager"]  # dynamo's graphs, run op for op
 UNET = ["model=tiny_random", "steps=5", "height=64", "width=64"]
 DIT = ["model=tiny_pixart_random", "steps=4", "height=48", "width=80"]
 UNET_REGIONS = 7  # the tiny UNet's 3 down blocks, mid block and 3 up blocks (compile_regions)
 CASES = {  # name → (model and strategy on 2 ranks, compile overrides)
-    "pixart_data": ([*DIT, "+strategy=data", "images_per_prompt=2"], []),
-    "pixart_tensor": ([*DIT, "+strategy=tensor"], []),
-    "pixart_sync_patch": ([*DIT, "+strategy=sync_patch"], []),
-    "pixart_ulysses": ([*DIT, "+strategy=ulysses"], []),
-    "pixart_distrifusion": ([*DIT, "+strategy=distrifusion"], []),
+    "pixart_data": ([*DIT, "+strategy=data", "images_per_prompt=2"], CAPTURE),
+    "pixart_tensor": ([*DIT, "+strategy=tensor"], CAPTURE),
+    "pixart_sync_patch": ([*DIT, "+strategy=sync_patch"], []),  # inductor
+    "pixart_ulysses": ([*DIT, "+strategy=ulysses"], []),  # inductor
+    "pixart_distrifusion": ([*DIT, "+strategy=distrifusion"], CAPTURE),
     "unet_sync_patch": ([*UNET, "+strategy=sync_patch"],  # the banded decode compiled too
-                        [f"{D}compile_options.backend=eager", f"{V}compile=regional",
-                         f"{V}compile_options.backend=eager"]),
-    "unet_distrifusion": ([*UNET, "+strategy=distrifusion"],
-                          [f"{D}compile_options.backend=eager"]),
+                        [*CAPTURE, f"{V}compile=regional", f"{V}compile_options.backend=eager"]),
+    "unet_distrifusion": ([*UNET, "+strategy=distrifusion"], CAPTURE),
 }
 DISPATCH = [*DIT, "+strategy=sync_patch", "attention.backend=_native_math"]
 
