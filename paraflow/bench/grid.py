@@ -150,6 +150,7 @@ def summarize(cell: Cell, timed: list[dict[str, Any]], memory: dict[str, Any] | 
 
 def run_grid(bench: DictConfig, out: Path) -> list[dict[str, Any]]:
     from paraflow.api import compose
+    from paraflow.compile import any_stage_compiles
     from paraflow.many import launch_many, prepared
 
     rows: dict[Cell, dict[str, Any]] = {}
@@ -168,9 +169,11 @@ def run_grid(bench: DictConfig, out: Path) -> list[dict[str, Any]]:
     # Cells alternate run by run (drift spreads over all alike); a compiling cell runs its
     # repeats back to back after an untimed one, since a session of another configuration
     # recompiles (paraflow/compile.py: fresh_compilation) and its graphs are what is measured.
-    alternating = [c for c in runnable if not compiles(c.overrides(bench))]
-    runs = [(cell, f"r{r}") for r in range(repeats) for cell in alternating]
-    runs += [(cell, name) for cell in runnable if compiles(cell.overrides(bench))
+    compiling = {c for c in runnable
+                 if any_stage_compiles(compose(c.overrides(bench)).pipeline.stages)}
+    runs = [(cell, f"r{r}") for r in range(repeats) for cell in runnable
+            if cell not in compiling]
+    runs += [(cell, name) for cell in runnable if cell in compiling
              for name in ("compile", *(f"r{r}" for r in range(repeats)))]
     cfgs = [prepared(compose(cell.overrides(bench)), out / "runs" / slug(cell) / name)
             for cell, name in runs]
@@ -189,11 +192,6 @@ def run_grid(bench: DictConfig, out: Path) -> list[dict[str, Any]]:
         rows[cell] = summarize(cell, timed[cell], memory.get(cell), timed.get(base))
         rows[cell]["cost_per_image"] = cost_per_image(rows[cell], bench)
     return [rows[c] for c in grid(bench)]
-
-
-def compiles(overrides: list[str]) -> bool:
-    """Whether a run of these overrides compiles a stage (pipeline.stages.*.compile)."""
-    return any(".compile=" in o and not o.endswith("=none") for o in overrides)
 
 
 def cost_per_image(row: dict[str, Any], bench: DictConfig) -> float | None:
