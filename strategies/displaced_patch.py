@@ -13,10 +13,11 @@ class DisplacedPatch(PatchParallel):
 
     def __init__(self, cfg_split: bool = False, warmup_steps: int = 4,
                  groupnorm: str = "corrected_async", frozen: bool = False,
-                 bucket_mb: float = 4.0, data_degree: int = 1) -> None:
+                 bucket_mb: float = 4.0, data_degree: int = 1,
+                 shard_weights: bool = False) -> None:
         super().__init__(cfg_split=cfg_split, warmup_steps=warmup_steps, displaced=True,
                          groupnorm=groupnorm, frozen=frozen, bucket_mb=bucket_mb,
-                         data_degree=data_degree)
+                         data_degree=data_degree, shard_weights=shard_weights)
 
 
 class DistriFusion(DisplacedPatch):

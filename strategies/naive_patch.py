@@ -11,5 +11,7 @@ class NaivePatch(PatchParallel):
     name = "naive_patch"
     exchange = False
 
-    def __init__(self, cfg_split: bool = False, data_degree: int = 1) -> None:
-        super().__init__(cfg_split=cfg_split, data_degree=data_degree)
+    def __init__(self, cfg_split: bool = False, data_degree: int = 1,
+                 shard_weights: bool = False) -> None:
+        super().__init__(cfg_split=cfg_split, data_degree=data_degree,
+                         shard_weights=shard_weights)

@@ -63,6 +63,33 @@ class TensorStrategyConfig(MeshStrategyConfig):
 class PatchStrategyConfig(MeshStrategyConfig):
     """Bands inside each guidance half of each replica."""
 
+    # FSDP2 over the ranks of one image: each holds 1/N of the denoiser's and text encoders'
+    # weights, each block's gathered just before it runs (strategies/patch/shard.py)
+    shard_weights: bool = False
+
+
+@dataclass
+class USPConfig(PatchStrategyConfig):
+    """Ulysses × Ring on the bands of one image (strategies/usp.py): heads re-sharded over
+    `ulysses_degree` ranks, keys/values passed around rings of `ring_degree`; the two multiply
+    to the ranks of one image (None: the other's quotient; both None: the most Ulysses the heads
+    allow)."""
+
+    name: str = "usp"
+    ulysses_degree: int | None = None
+    ring_degree: int | None = None
+
+
+@dataclass
+class PipeFusionConfig(MeshStrategyConfig):
+    """PipeFusion (Wang et al. 2024): the transformer's blocks in consecutive stages, one per
+    rank, the image's patches flowing through them; the other patches' keys/values are the
+    previous step's after `warmup_steps` synchronous steps (strategies/pipefusion/)."""
+
+    name: str = "pipefusion"
+    warmup_steps: int = 1  # synchronous (whole-image) steps first
+    patches: int | None = None  # patches per image (None: as many as stages)
+
 
 @dataclass
 class DisplacedPatchConfig(PatchStrategyConfig):
@@ -78,3 +105,5 @@ def register(store: Any) -> None:
     store.store(group="schemas/strategy", name="patch", node=PatchStrategyConfig)
     store.store(group="schemas/strategy", name="displaced_patch", node=DisplacedPatchConfig)
     store.store(group="schemas/strategy", name="tensor", node=TensorStrategyConfig)
+    store.store(group="schemas/strategy", name="usp", node=USPConfig)
+    store.store(group="schemas/strategy", name="pipefusion", node=PipeFusionConfig)

@@ -20,8 +20,10 @@ class Ulysses(PatchParallel):
     name = "ulysses"
     attention_processor = UlyssesAttnProcessor
 
-    def __init__(self, cfg_split: bool = False, data_degree: int = 1) -> None:
-        super().__init__(cfg_split=cfg_split, data_degree=data_degree)
+    def __init__(self, cfg_split: bool = False, data_degree: int = 1,
+                 shard_weights: bool = False) -> None:
+        super().__init__(cfg_split=cfg_split, data_degree=data_degree,
+                         shard_weights=shard_weights)
 
     def validate(self, cfg: DictConfig) -> None:
         """The patch checks, then the heads of every self-attention against the band count,

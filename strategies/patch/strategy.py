@@ -56,8 +56,10 @@ class PatchParallel(ReplicatedModel):
 
     def __init__(self, cfg_split: bool = False, warmup_steps: int = 0, displaced: bool = False,
                  groupnorm: str = "corrected_async", frozen: bool = False,
-                 bucket_mb: float = 4.0, data_degree: int = 1) -> None:
+                 bucket_mb: float = 4.0, data_degree: int = 1,
+                 shard_weights: bool = False) -> None:
         self.cfg_split, self.data_degree = bool(cfg_split), int(data_degree)
+        self.shard_weights = bool(shard_weights)
         self.displaced, self.warmup_steps, self.frozen = displaced, int(warmup_steps), frozen
         self.groupnorm = GroupNormMode(groupnorm)
         self.bucket_bytes = int(bucket_mb * (1 << 20))
@@ -89,6 +91,9 @@ class PatchParallel(ReplicatedModel):
         if self.cfg_split:
             check_cfg_split(cfg)
         self.mesh_layout(world_size)  # raises on a layout no mesh expresses
+        if self.shard_weights:  # strategies/patch/shard.py lands this
+            raise ParaflowError("strategy.shard_weights=true: weight sharding is not built yet; "
+                                "allowed: false")
         if self.warmup_steps < 0:
             raise ParaflowError(f"strategy.warmup_steps={self.warmup_steps}: must be >= 0")
         unit = configured_downsampling(cfg.model)
