@@ -104,3 +104,27 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     out: Any = dispatch_attention_fn(query.transpose(1, 2), key.transpose(1, 2),
                                      value.transpose(1, 2), attn_mask=mask, scale=scale)
     return out.transpose(1, 2)  # type: ignore[no-any-return]
+
+
+def attend_with_lse(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                    scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention (B, heads, tokens, dim) and the log-sum-exp of each query's scores (B, heads,
+    tokens, fp32), what ring attention merges partial results by. torch's fused kernels that
+    return it: flash on the CPU, memory-efficient on CUDA; the math elsewhere (and the meta
+    device: shapes only). The dispatch backends of `attention.backend` do not apply here."""
+    if query.device.type == "meta":
+        lse = query.new_empty(query.shape[:-1], dtype=torch.float32)
+        return query.new_empty((*query.shape[:-1], value.shape[-1])), lse
+    if query.device.type == "cpu" and query.shape[-1] == value.shape[-1]:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            query, key, value, scale=scale)
+        return out, lse
+    if query.device.type == "cuda":
+        found = torch.ops.aten._scaled_dot_product_efficient_attention(
+            query, key, value, None, True, scale=scale)
+        return found[0], found[1][..., : query.shape[2]]  # the kernel pads the tokens
+    scores = (query.float() @ key.float().transpose(-1, -2)) * (
+        scale if scale is not None else query.shape[-1] ** -0.5)
+    lse = torch.logsumexp(scores, dim=-1)
+    out = torch.softmax(scores, dim=-1) @ value.float()
+    return out.to(query.dtype), lse

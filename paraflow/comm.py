@@ -71,6 +71,38 @@ class GatherHandle:
         return self._pieces
 
 
+class ShiftHandle:
+    """A ring shift in flight; `wait()` returns the tensor the previous rank sent."""
+
+    def __init__(self, works: list[Any], received: torch.Tensor,
+                 deadline: float | None) -> None:
+        self._works, self._received, self._deadline = works, received, deadline
+
+    def wait(self) -> torch.Tensor:
+        for work in self._works:
+            work.wait()
+        self._works = []
+        if self._deadline is not None:
+            LinkModel.wait_until(self._deadline)
+            self._deadline = None
+        return self._received
+
+
+class SendHandle:
+    """A point-to-point send in flight; `wait()` returns once the tensor has left."""
+
+    def __init__(self, work: Any, deadline: float | None) -> None:
+        self._work, self._deadline = work, deadline
+
+    def wait(self) -> None:
+        if self._work is not None:
+            self._work.wait()
+            self._work = None
+        if self._deadline is not None:
+            LinkModel.wait_until(self._deadline)
+            self._deadline = None
+
+
 class Communicator:
     def __init__(self, group: dist.ProcessGroup | None, world_size: int, rank: int,
                  link: LinkModel | None = None, parent: Communicator | None = None,
@@ -180,6 +212,45 @@ class Communicator:
         sent = send.numel() - pieces[self.rank].numel()
         self._settle(self._count(sent * send.element_size()))
         return [chunk.view(*shape) for chunk, shape in zip(recv.split(out_counts), shapes)]
+
+    def shift_async(self, tensor: torch.Tensor, recv_shape: Sequence[int]) -> ShiftHandle:
+        """Start sending `tensor` to the next rank of the ring (rank + 1) while receiving a
+        `recv_shape` tensor from the previous one (point to point: ring attention's hop)."""
+        if self.world_size == 1:
+            return ShiftHandle([], tensor, None)
+        tensor = tensor.contiguous()
+        received = tensor.new_empty(tuple(recv_shape))
+        after, before = (self.rank + 1) % self.world_size, (self.rank - 1) % self.world_size
+        works = dist.batch_isend_irecv([
+            dist.P2POp(dist.isend, tensor, group=self.group, group_peer=after),
+            dist.P2POp(dist.irecv, received, group=self.group, group_peer=before)])
+        deadline = self._count(tensor.numel() * tensor.element_size())
+        return ShiftHandle(list(works), received, deadline)
+
+    def send_async(self, tensor: torch.Tensor, peer: int) -> SendHandle:
+        """Start sending `tensor` to rank `peer` of this communicator (point to point: a
+        pipeline stage's hop to the next); the tensor must stay untouched until waited."""
+        if peer == self.rank:
+            raise ValueError(f"rank {peer} sends to itself")
+        tensor = tensor.contiguous()
+        work = dist.isend(tensor, group=self.group, group_dst=peer)
+        return SendHandle(work, self._count(tensor.numel() * tensor.element_size()))
+
+    def recv(self, out: torch.Tensor, peer: int) -> torch.Tensor:
+        """Receive into `out` (contiguous, the sent tensor's shape and dtype) what rank `peer`
+        sends; blocking. The sender counts the bytes."""
+        dist.recv(out, group=self.group, group_src=peer)
+        return out
+
+    def broadcast(self, tensor: torch.Tensor, source: int) -> torch.Tensor:
+        """`tensor` of rank `source` on every rank, in place (the others' `tensor` is the
+        buffer: same shape and dtype); the source counts n·(W−1) bytes."""
+        if self.world_size > 1:
+            dist.broadcast(tensor, group=self.group, group_src=source)
+            nbytes = tensor.numel() * tensor.element_size()
+            self._settle(self._count(nbytes * (self.world_size - 1)) if self.rank == source
+                         else None)
+        return tensor
 
     def all_gather_uneven(self, tensor: torch.Tensor) -> list[torch.Tensor]:
         """Gather tensors whose first dimension differs between ranks (others must match)."""

@@ -200,17 +200,6 @@ def test_tensor_without_a_plan_for_the_family_says_how_to_give_one(
         validate(cfg, None, devices=False)
 
 
-def test_heads_that_do_not_divide_are_refused_with_the_degrees_that_work() -> None:
-    from paraflow.errors import ParaflowError
-    from paraflow.validate import validate
-
-    cfg = compose(["model=tiny_pixart_random", "+strategy=ulysses", "launcher.devices=3",
-                   "height=96"])  # 4 heads
-    with pytest.raises(ParaflowError, match=r"heads \(4\) do not divide by 3; band counts "
-                                            r"that work: 2, 4"):
-        validate(cfg, None, devices=False)
-
-
 @pytest.mark.parametrize("model", ["tiny_pixart_random", "tiny_sd3_random", "tiny_flux_random"])
 def test_a_band_thinner_than_a_patch_row_is_refused_before_launch(model: str) -> None:
     from paraflow.errors import ParaflowError

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from paraflow.comm import Communicator, GatherHandle
+from paraflow.comm import Communicator, GatherHandle, ShiftHandle
 from paraflow.context import ParallelContext
 from paraflow.mesh import Layout
 
@@ -61,6 +61,12 @@ class PlannedComm(Communicator):
         sent = sum(p.numel() for i, p in enumerate(pieces) if i != self.rank)
         self._count(sent * pieces[0].element_size())
         return [pieces[0].new_empty(shape) for shape in shapes]
+
+    def shift_async(self, tensor: torch.Tensor, recv_shape: Sequence[int]) -> ShiftHandle:
+        if self.world_size == 1:
+            return ShiftHandle([], tensor, None)
+        self._count(tensor.numel() * tensor.element_size())
+        return ShiftHandle([_Sent(tensor)], tensor.new_empty(tuple(recv_shape)), None)
 
     def _member(self, members: Sequence[int], rank: int) -> PlannedComm:
         return PlannedComm(len(members), rank, parent=self,

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Callable, Collection
+from typing import Any
 
 from torch import nn
 
@@ -38,7 +39,7 @@ def place_patch_embedding(model: nn.Module, family: Family, state: PatchState) -
 
 def swap_patch_layers(model: nn.Module, state: PatchState, prefix: str = "",
                       replicated: Collection[str] = (),
-                      attention: type = PatchSelfAttnProcessor,
+                      attention: Callable[..., Any] = PatchSelfAttnProcessor,
                       family: Family | None = None) -> dict[str, int]:
     """Convolutions that reach other rows → PatchConv2d, GroupNorm → PatchGroupNorm,
     self-attention → `attention` (the patch processor by default). Other convolutions, linear

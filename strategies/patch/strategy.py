@@ -5,7 +5,7 @@ data × cfg × patch, paraflow/mesh.py): each replica makes its block of the ima
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from typing import Any
 
 from omegaconf import DictConfig
@@ -51,7 +51,8 @@ class PatchParallel(ReplicatedModel):
 
     name = "patch"
     exchange = True
-    attention_processor: type = PatchSelfAttnProcessor  # self-attention of a band
+    # the self-attention processor of a band: (state, layer name) → processor
+    attention_processor: Callable[..., Any] = PatchSelfAttnProcessor
     replicated_latents = True  # every rank holds the whole latent (patch VAE decode relies on it)
 
     def __init__(self, cfg_split: bool = False, warmup_steps: int = 0, displaced: bool = False,
