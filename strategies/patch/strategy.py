@@ -31,6 +31,7 @@ from paraflow.strategies.patch.attention import PatchSelfAttnProcessor
 from paraflow.strategies.patch.bands import band_sizes, check_layout
 from paraflow.strategies.patch.denoiser import BandLayout, PatchDenoiserHooks
 from paraflow.strategies.patch.layers import place_patch_embedding, swap_patch_layers
+from paraflow.strategies.patch.shard import check_sharding, shard_pipeline
 from paraflow.strategies.patch.state import GroupNormMode, PatchState
 from paraflow.strategies.replicas import DataReplicas
 from paraflow.validate import model_factor
@@ -92,9 +93,8 @@ class PatchParallel(ReplicatedModel):
         if self.cfg_split:
             check_cfg_split(cfg)
         self.mesh_layout(world_size)  # raises on a layout no mesh expresses
-        if self.shard_weights:  # strategies/patch/shard.py lands this
-            raise ParaflowError("strategy.shard_weights=true: weight sharding is not built yet; "
-                                "allowed: false")
+        if self.shard_weights:
+            check_sharding(cfg)
         if self.warmup_steps < 0:
             raise ParaflowError(f"strategy.warmup_steps={self.warmup_steps}: must be >= 0")
         unit = configured_downsampling(cfg.model)
@@ -139,6 +139,9 @@ class PatchParallel(ReplicatedModel):
             else:  # bands attend only to themselves, but every token keeps its true position
                 place_patch_embedding(model, family, self.state)
         PatchDenoiserHooks(self.state, self.layout).install(call)
+        if self.shard_weights:  # after the swaps: the patch layers hold the weights now
+            shard_pipeline(pipe, model, family.compile_regions(model), self.state.comm,
+                           ctx.device)
 
     def image_comm(self, ctx: ParallelContext) -> Communicator:
         """A data replica's ranks in hybrid layouts, else all."""
