@@ -4,8 +4,8 @@
   Ulysses and distrifusion on the tiny PixArt, and sync_patch (its banded decode compiled too)
   and distrifusion on the tiny UNet, whose patch layers (convolution halos, GroupNorm
   statistics) only a UNet has. Inductor (C++ kernels from the machine's compiler) compiles the
-  PixArt's sync_patch and Ulysses; the others use dynamo's capture (`backend=eager`: the same
-  graphs, run op for op), since inductor's cold compile is what costs here;
+  PixArt's sync_patch; the others use dynamo's capture (`backend=eager`: the same graphs, run op
+  for op), since inductor's cold compile is what costs here;
 - the compiled exchanges count the same bytes per step; displaced patch compiles each region at
   most three ways (synchronous, the first displaced step, the later ones), not once per step;
 - a diffusers dispatch backend through the band processors equals torch's default kernel.
@@ -33,7 +33,7 @@ CASES = {  # name → (model and strategy on 2 ranks, compile overrides)
     "pixart_data": ([*DIT, "+strategy=data", "images_per_prompt=2"], CAPTURE),
     "pixart_tensor": ([*DIT, "+strategy=tensor"], CAPTURE),
     "pixart_sync_patch": ([*DIT, "+strategy=sync_patch"], []),  # inductor
-    "pixart_ulysses": ([*DIT, "+strategy=ulysses"], []),  # inductor
+    "pixart_ulysses": ([*DIT, "+strategy=ulysses"], CAPTURE),
     "pixart_distrifusion": ([*DIT, "+strategy=distrifusion"], CAPTURE),
     "unet_sync_patch": ([*UNET, "+strategy=sync_patch"],  # the banded decode compiled too
                         [*CAPTURE, f"{V}compile=regional", f"{V}compile_options.backend=eager"]),
