@@ -42,6 +42,9 @@ RUNS = {
     "flux_tensor": [FLUX, "+strategy=tensor", "height=64"],
     "flux_displaced": [FLUX, "+strategy=displaced_patch", "height=80",
                        "strategy.warmup_steps=1"],
+    "sd_ring": [SD, "+strategy=ring", "height=96"],  # hops of 8- and 4-row bands' keys/values
+    "pixart_usp": [PIXART, "+strategy=usp", "strategy.ring_degree=2", "height=80"],
+    "flux_ring": [FLUX, "+strategy=ring", "height=80"],  # the text attended once, not sent
     # step 1 reuses (deepcache's schedule, exact): only the outer blocks exchange
     "sync_patch_deepcache": [SD, "+strategy=sync_patch", "height=64", f"{DENOISE}.cache=deepcache",
                              f"{DENOISE}.cache_options.interval=2"],
