@@ -112,9 +112,9 @@ def attend_with_lse(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     tokens, fp32), what ring attention merges partial results by. torch's fused kernels that
     return it: flash on the CPU, memory-efficient on CUDA; the math elsewhere (and the meta
     device: shapes only). The dispatch backends of `attention.backend` do not apply here."""
-    if query.device.type == "meta":
+    if query.device.type == "meta":  # the planner: torch's SDPA is what its FLOP count sees
         lse = query.new_empty(query.shape[:-1], dtype=torch.float32)
-        return query.new_empty((*query.shape[:-1], value.shape[-1])), lse
+        return F.scaled_dot_product_attention(query, key, value, scale=scale), lse
     if query.device.type == "cpu" and query.shape[-1] == value.shape[-1]:
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             query, key, value, scale=scale)
