@@ -1,9 +1,9 @@
 """strategy=pipefusion: the tiny PixArt, SD3 and Flux on 2 gloo ranks (2 stages) and on 4 with
-the guidance split (2 × 2 stages), against one device. Warm-up covering every step: within 1e-4
-of one device (the whole image runs through the stages). Default warm-up (1 step) at 20 steps:
-PSNR against one device at least 10 dB above naive_patch's. Each rank holds its stage's blocks
-plus the embedders and output layers: parameter bytes per rank at most 1/N of the denoiser's
-plus those. Refusals: checked before launch, naming the value."""
+the guidance split or 2 data replicas (2 × 2 stages), against one device. Warm-up covering every
+step: within 1e-4 of one device (the whole image runs through the stages). Default warm-up (1
+step) at 20 steps: PSNR against one device at least 10 dB above naive_patch's. Each rank holds
+its stage's blocks plus the embedders and output layers: parameter bytes per rank at most 1/N of
+the denoiser's plus those. Refusals: checked before launch, naming the value."""
 
 from __future__ import annotations
 
@@ -73,7 +73,9 @@ def _two() -> dict[str, tuple[list[str], list[str]]]:
 
 
 FOUR = {"sd3_cfg_exact": (_small(FAMILIES["sd3"]), [*EXACT, "strategy.cfg_split=true"]),
-        "sd3_cfg": (_small(FAMILIES["sd3"]), [*PF, "strategy.cfg_split=true"])}
+        "sd3_cfg": (_small(FAMILIES["sd3"]), [*PF, "strategy.cfg_split=true"]),
+        "flux_data_exact": ([*_small(FAMILIES["flux"]), "prompt=[a red circle,a blue square]"],
+                            [*EXACT, "strategy.data_degree=2"])}
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +100,11 @@ def test_cfg_split_stages_equal_one_device(four_ranks: dict[str, Any]) -> None:
     run, ref = four_ranks["sd3_cfg"]  # displaced after the first step: close, not equal
     print(f"sd3 cfg_split × 2 stages, 3 steps: PSNR {psnr(latents(run), latents(ref)):.1f} dB")
     assert psnr(latents(run), latents(ref)) > 20
+
+
+@pytest.mark.slow
+def test_data_replicas_of_stages_equal_one_device(four_ranks: dict[str, Any]) -> None:
+    check_exact(*four_ranks["flux_data_exact"])  # 2 replicas × 2 stages, an image each
 
 
 @pytest.mark.slow
