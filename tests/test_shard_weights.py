@@ -30,6 +30,7 @@ CASES: dict[str, tuple[list[str], int]] = {  # name → (overrides, ranks)
                                   "strategy.warmup_steps=2"], 2),
     "pixart_ulysses": ([*PIXART, "+strategy=ulysses"], 2),
     "pixart_naive": ([*PIXART, "+strategy=naive_patch"], 2),
+    "pixart_ring": ([*PIXART, "+strategy=ring"], 2),
     "sd3_sync": ([*SD3, *SYNC], 2),
     "unet_sync": ([*UNET, *SYNC], 2),
     "pixart_sync_cfg": ([*PIXART, *SYNC, "strategy.cfg_split=true"], 4),  # bands of 2 per half
@@ -91,6 +92,8 @@ def test_planned_weights_and_bytes_equal_the_run(runs: dict[str, Any], name: str
         assert row.weights == {k: v[rank] for k, v in sharded["param_bytes"].items()}, rank
         steps = {str(s): b for s, b in enumerate(row.comm_per_step) if b}
         assert steps == sharded["comm_bytes_per_step"][rank]
+        outside = row.comm_encode + row.comm_decode + row.comm_gather
+        assert row.comm_encode > 0 and outside == sharded["comm_bytes_outside_steps"][rank]
         assert row.comm_run == sharded["comm_bytes"][rank]
     assert any("shard_weights" in note for note in plan.notes)
 

@@ -106,6 +106,12 @@ def _cache_note(cache: PlannedCache) -> str:
                "the ranks sharing the image" if cache.decides else ""))
 
 
+def strategy_notes(strategy: Any, cfg: DictConfig) -> list[str]:
+    """What the strategy says of its plan beyond the table (an optional `plan_notes(cfg)`)."""
+    notes = getattr(strategy, "plan_notes", None)
+    return list(notes(cfg)) if notes is not None else []
+
+
 def make_plan(cfg: DictConfig) -> Plan:
     """The plan of `cfg` (composed as paraflow.api.compose does); the same checks as a run,
     except those against this machine's devices. No weights are loaded."""
@@ -143,7 +149,7 @@ def make_plan(cfg: DictConfig) -> Plan:
             seat.rank, seat.label, seat.images, weights, activations, work.carried,
             work.per_step, work.decode, _gather_bytes(seat, images_of, gathered),
             peak, None if budget is None else peak <= budget, work.flops_per_step,
-            work.flops_decode, work.denoiser_calls))
+            work.flops_decode, work.denoiser_calls, work.encode))
     strategy = every[0].strategy
     summary = {
         "model": str(cfg.model.name), "height": int(cfg.height), "width": int(cfg.width),
@@ -180,6 +186,7 @@ def make_plan(cfg: DictConfig) -> Plan:
     ]
     if cache is not None:
         notes.append(_cache_note(cache))
+    notes += strategy_notes(strategy, cfg)
     if cpu and world_of(cfg) > 1 and _accelerator(cfg) == "auto":
         notes.append("planned for CPU ranks (launcher.accelerator=auto on a machine without "
                      "CUDA); add launcher.accelerator=cuda to plan GPUs")

@@ -11,12 +11,15 @@ from functools import partial
 from types import SimpleNamespace
 from typing import Any
 
+import torch
 from hydra.utils import get_class
 from omegaconf import DictConfig
 from torch import nn
 
 from paraflow.config import StageParallel
+from paraflow.context import ParallelContext
 from paraflow.graph import execution_order
+from paraflow.models.components import TEXT_ENCODERS
 from paraflow.models.skeleton import component_skeleton, denoiser_component
 from paraflow.plan.cache import PlannedCache
 from paraflow.plan.seats import Seat, fresh
@@ -26,9 +29,12 @@ from paraflow.plugin import banded_vae, planned
 from paraflow.session import Session
 
 
-def _skeleton(model_cfg: DictConfig, name: str, policies: dict[str, Policy]) -> Any:
+def _skeleton(model_cfg: DictConfig, name: str, policies: dict[str, Policy],
+              needed: bool = True) -> Any:
     module = component_skeleton(model_cfg, name)
     if module is None:
+        if not needed:
+            return None
         raise RuntimeError(f"model={model_cfg.name}: no {name} module from its config")
     dtype = policies.get(name, Policy()).dtype
     return nn.Module.to(module, dtype=dtype)  # nn.Module's: diffusers' warns on every cast
@@ -36,11 +42,30 @@ def _skeleton(model_cfg: DictConfig, name: str, policies: dict[str, Policy]) -> 
 
 def skeleton_pipeline(model_cfg: DictConfig, scheduler_cfg: DictConfig | None,
                       policies: dict[str, Policy]) -> SimpleNamespace:
-    """What the planner's Session loads: the denoiser and the VAE on the meta device, in the
-    stages' precisions (the text encoders are planned from their weights: planner.py)."""
+    """What the planner's Session loads: the denoiser, the VAE and the text encoders on the meta
+    device, in the stages' precisions (a strategy may shard the text encoders' weights too)."""
     name = denoiser_component(model_cfg)
-    return SimpleNamespace(**{name: _skeleton(model_cfg, name, policies),
-                              "vae": _skeleton(model_cfg, "vae", policies)})
+    parts = {name: _skeleton(model_cfg, name, policies),
+             "vae": _skeleton(model_cfg, "vae", policies)}
+    for encoder in TEXT_ENCODERS:
+        module = _skeleton(model_cfg, encoder, policies, needed=False)
+        if module is not None:
+            parts[encoder] = module
+    return SimpleNamespace(**parts)
+
+
+def encode_bytes(pipe: Any, ctx: ParallelContext, calls: int) -> int:
+    """Bytes one pass's encode stage sends: nothing, unless the strategy shards the text
+    encoders' weights (gathered at each call). Each text encoder is called `calls` times on
+    meta token ids, as the pipelines call it once for the prompts and once more for the
+    negative prompt with guidance (the bytes are the weights': one token will do)."""
+    before = ctx.comm.total_bytes
+    ids = torch.zeros(1, 1, dtype=torch.long, device="meta")
+    with torch.inference_mode():
+        for encoder in filter(None, (getattr(pipe, n, None) for n in TEXT_ENCODERS)):
+            for _ in range(calls):
+                encoder(ids)
+    return ctx.comm.total_bytes - before
 
 
 def patch_decode_wanted(cfg: DictConfig, strategy: Any) -> bool:
@@ -87,7 +112,7 @@ class RankWork:
     def __init__(self, cfg: DictConfig, seat: Seat, inputs: Inputs,
                  policies: dict[str, Policy], cpu: bool, cache: PlannedCache | None) -> None:
         steps = int(cfg.steps)
-        self.per_step, self.decode, self.carried = [0] * steps, 0, 0
+        self.per_step, self.decode, self.carried, self.encode = [0] * steps, 0, 0, 0
         self.flops_per_step, self.flops_decode = [0] * steps, 0
         full = cache.full_calls if cache is not None else steps
         self.denoiser_calls = full * len(seat.chunks)  # full calls, one per step and pass
@@ -101,8 +126,8 @@ class RankWork:
             session = Session(ctx, cfg, strategy, load=partial(skeleton_pipeline,
                                                                policies=policies))
             unet, vae = getattr(session.pipe, name), session.pipe.vae
-            self.weights = {name: module_bytes(unet, policies.get(name, Policy()).dtype),
-                            "vae": module_bytes(vae, policies.get("vae", Policy()).dtype)}
+            self.weights = {n: module_bytes(m, policies.get(n, Policy()).dtype)
+                            for n, m in vars(session.pipe).items() if isinstance(m, nn.Module)}
             if not images:
                 continue
             banded = banded_vae(strategy)
@@ -111,6 +136,8 @@ class RankWork:
             replayed, costs = step_kinds(planned(strategy).distinct_steps(steps), cache, steps)
             done = replay(strategy, ctx, unet, vae, inputs, images, replayed, in_bands, cpu,
                           cache)
+            # after the replay, whose bytes it has taken: these are the encode stage's
+            self.encode += count * encode_bytes(session.pipe, ctx, 2 if inputs.guidance else 1)
             self.peaks = (max(self.peaks[0], done.denoise_peak),
                           max(self.peaks[1], done.decode_peak))
             self.carried = max(self.carried, done.carried)

@@ -25,10 +25,11 @@ class RankPlan:
     flops_per_step: list[int] = field(default_factory=list)
     flops_decode: int = 0
     denoiser_calls: int = 0  # full denoiser calls (a step cache's reused steps are not)
+    comm_encode: int = 0  # the text encoders' weights gathered (sharded weights), all passes
 
     @property
     def comm_run(self) -> int:
-        return sum(self.comm_per_step) + self.comm_decode + self.comm_gather
+        return sum(self.comm_per_step) + self.comm_encode + self.comm_decode + self.comm_gather
 
     @property
     def comm_per_image(self) -> int:

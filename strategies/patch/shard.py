@@ -92,6 +92,11 @@ def gather_bytes(params: Iterable[torch.Tensor], n: int, dtype: torch.dtype | No
     return total * (n - 1)
 
 
+def whole_bytes(params: Iterable[torch.Tensor], dtype: torch.dtype | None = None) -> int:
+    """Bytes of `params` whole (as gathered), as if cast to `dtype`."""
+    return sum(math.prod(p.shape) * _itemsize(p, dtype) for p in params)
+
+
 def sharded_bytes(module: nn.Module, dtype: torch.dtype, n: int, rank: int) -> int:
     """Parameter bytes rank `rank` holds of `module` sharded over `n` ranks, once cast to
     `dtype` (the planner's figure for a module it does not build: the text encoders)."""
@@ -155,30 +160,68 @@ def shard_pipeline(pipe: Any, model: nn.Module, blocks: list[nn.Module],
 class MetaShard:
     """The planner's FSDP: `params` of `unit` replaced by chunk-sized meta parameters; before
     the unit runs, whole ones (new tensors: the replay counts them as live) and the all-gather
-    booked; after it, the chunks again."""
+    booked; after it, the chunks again. A tied parameter (T5's embedding) stays one."""
 
     def __init__(self, unit: nn.Module, params: list[nn.Parameter], comm: Communicator) -> None:
-        self.comm = comm
-        wanted = {id(p) for p in params}
+        self.comm, self.params = comm, list({id(p): p for p in params}.values())
+        self.whole: dict[int, torch.Tensor] = {}
+        wanted = {id(p) for p in self.params}
         self.slots = [(owner, name, p) for owner in unit.modules()
                       for name, p in owner.named_parameters(recurse=False) if id(p) in wanted]
-        self.chunks = []
-        for owner, name, p in self.slots:
-            shape = tuple(p.shape) or (1,)
-            rows = chunk_rows(shape[0], comm.world_size, comm.rank)
-            chunk = nn.Parameter(torch.empty((rows, *shape[1:]), dtype=p.dtype, device="meta"),
-                                 requires_grad=False)
-            self.chunks.append(chunk)
-            setattr(owner, name, chunk)
+        self.chunks = {id(p): self._chunk(p) for p in self.params}
+        self._swap(self.chunks)
         unit.register_forward_pre_hook(self.gather)
         unit.register_forward_hook(self.reshard)
 
-    def gather(self, module: nn.Module, args: Any) -> None:
-        whole = [p for _, _, p in self.slots]
-        self.comm._count(gather_bytes(whole, self.comm.world_size))  # noqa: SLF001
+    def _chunk(self, p: nn.Parameter) -> nn.Parameter:
+        shape = tuple(p.shape) or (1,)
+        rows = chunk_rows(shape[0], self.comm.world_size, self.comm.rank)
+        return nn.Parameter(torch.empty((rows, *shape[1:]), dtype=p.dtype, device="meta"),
+                            requires_grad=False)
+
+    def _swap(self, by_id: dict[int, nn.Parameter]) -> None:
         for owner, name, p in self.slots:
-            setattr(owner, name, nn.Parameter(torch.empty_like(p), requires_grad=False))
+            setattr(owner, name, by_id[id(p)])
+
+    def gather(self, module: nn.Module, args: Any) -> None:
+        self.comm._count(gather_bytes(self.params, self.comm.world_size))  # noqa: SLF001
+        # The replay counts tensors by the objects ops return: hold those, not only the
+        # Parameters wrapping them, until the unit is done.
+        self.whole = {id(p): torch.empty_like(p) for p in self.params}
+        self._swap({k: nn.Parameter(t, requires_grad=False) for k, t in self.whole.items()})
 
     def reshard(self, module: nn.Module, args: Any, out: Any) -> None:
-        for (owner, name, _), chunk in zip(self.slots, self.chunks):
-            setattr(owner, name, chunk)
+        self._swap(self.chunks)
+        self.whole = {}
+
+
+def plan_note(cfg: Any, n: int) -> str:
+    """The planner's line on sharded weights (figures from the model's config, per rank of a
+    group of `n`): what a rank holds, what a running block adds, what the all-gathers send."""
+    from paraflow.families import family_of
+    from paraflow.models.skeleton import denoiser_component, pipeline_skeleton
+    from paraflow.plan.report import human
+    from paraflow.plan.weights import Policy, module_bytes, stage_policies
+
+    parts, policies = pipeline_skeleton(cfg.model) or {}, stage_policies(cfg)
+    name = denoiser_component(cfg.model)
+    model, dtype = parts[name], policies.get(name, Policy()).dtype
+    blocks = family_of(model).compile_regions(model)
+    root = own_params(model, blocks)
+    whole = sum(whole_bytes(b.parameters(), dtype) for b in blocks)
+    biggest = max((whole_bytes(b.parameters(), dtype) for b in blocks), default=0)
+    per_call = sum(gather_bytes(list(b.parameters()), n, dtype) for b in blocks) + \
+        gather_bytes(root, n, dtype)
+    encoders = [(parts[e], policies.get(e, Policy()).dtype) for e in TEXT_ENCODERS if e in parts]
+    held = sum(sharded_bytes(m, d, n, 0) for m, d in encoders)
+    text_whole = sum(module_bytes(m, d) for m, d in encoders)
+    text_call = sum(encoder_gather_bytes(m, d, n) for m, d in encoders)
+    return (f"strategy.shard_weights=true: the {name}'s and text encoders' weights in {n} chunks "
+            f"over the ranks of one image (FSDP2): {name} "
+            f"{human(sharded_bytes(model, dtype, n, 0))} per rank of "
+            f"{human(module_bytes(model, dtype))}, text encoders {human(held)} of "
+            f"{human(text_whole)}; while a block runs its whole weights and the root's are "
+            f"gathered on top ({human(biggest + whole_bytes(root, dtype))} at most, of "
+            f"{human(whole)} in blocks: in act. denoise and the device peak); each full "
+            f"denoiser call's all-gathers send {human(per_call)} per rank (in sent/step), each "
+            f"call of every text encoder {human(text_call)} (comm_encode, in sent/run)")

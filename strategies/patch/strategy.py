@@ -31,7 +31,7 @@ from paraflow.strategies.patch.attention import PatchSelfAttnProcessor
 from paraflow.strategies.patch.bands import band_sizes, check_layout
 from paraflow.strategies.patch.denoiser import BandLayout, PatchDenoiserHooks
 from paraflow.strategies.patch.layers import place_patch_embedding, swap_patch_layers
-from paraflow.strategies.patch.shard import check_sharding, shard_pipeline
+from paraflow.strategies.patch.shard import check_sharding, plan_note, shard_pipeline
 from paraflow.strategies.patch.state import GroupNormMode, PatchState
 from paraflow.strategies.replicas import DataReplicas
 from paraflow.validate import model_factor
@@ -143,6 +143,11 @@ class PatchParallel(ReplicatedModel):
             shard_pipeline(pipe, model, family.compile_regions(model), self.state.comm,
                            ctx.device)
 
+    def plan_notes(self, cfg: DictConfig) -> list[str]:
+        """The planner's line on sharded weights (strategies/patch/shard.py)."""
+        bands = self.band_count(cfg)
+        return [plan_note(cfg, bands)] if self.shard_weights and bands > 1 else []
+
     def image_comm(self, ctx: ParallelContext) -> Communicator:
         """A data replica's ranks in hybrid layouts, else all."""
         return self._image_comm or ctx.comm
@@ -202,9 +207,12 @@ class PatchParallel(ReplicatedModel):
 
     def alike_key(self, cfg: DictConfig, ctx: ParallelContext) -> Hashable | None:
         """Bands of equal height in parts of equal size do the same work (edge halos aside:
-        every rank sends pieces of the same, padded shape)."""
-        part, _, groups, rows = self._place(cfg)
-        return rows, len(groups[part]), tuple(len(g) for g in groups)
+        every rank sends pieces of the same, padded shape); with sharded weights, at the same
+        place in their group."""
+        part, band, groups, rows = self._place(cfg)
+        # sharded weights: a band's chunks differ in size where a dim 0 does not divide evenly
+        chunk = band if self.shard_weights else None
+        return rows, len(groups[part]), tuple(len(g) for g in groups), chunk
 
     def distinct_steps(self, steps: int) -> list[int]:
         """Displaced: the last synchronous step (it keeps the other bands' pieces) and the first
