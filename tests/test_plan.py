@@ -45,6 +45,8 @@ RUNS = {
     "sd_ring": [SD, "+strategy=ring", "height=96"],  # hops of 8- and 4-row bands' keys/values
     "pixart_usp": [PIXART, "+strategy=usp", "strategy.ring_degree=2", "height=80"],
     "flux_ring": [FLUX, "+strategy=ring", "height=80"],  # the text attended once, not sent
+    # the stages' hand-overs point to point, the prediction broadcast; step 0 whole-image
+    "flux_pipefusion": [FLUX, "+strategy=pipefusion", "height=64"],
     # step 1 reuses (deepcache's schedule, exact): only the outer blocks exchange
     "sync_patch_deepcache": [SD, "+strategy=sync_patch", "height=64", f"{DENOISE}.cache=deepcache",
                              f"{DENOISE}.cache_options.interval=2"],
@@ -84,8 +86,10 @@ def test_planned_bytes_equal_the_counted_bytes(
     if name == "sync_patch_deepcache":  # the reused step sends less than the full ones
         per_step = plan.ranks[0].comm_per_step
         assert per_step[0] == per_step[2] > per_step[1] > 0
-    # stale pieces, or a cache's features, between steps; nothing for the others
-    carries = "displaced" in name or plan.summary["cache"]["kind"] != "none"
+    # stale pieces, a cache's features, or PipeFusion's keys/values between steps; nothing for
+    # the others
+    carries = ("displaced" in name or "pipefusion" in name  # the other patches' keys/values
+               or plan.summary["cache"]["kind"] != "none")
     assert all((row.carried_bytes > 0) == carries for row in plan.ranks), name
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from paraflow.comm import Communicator, GatherHandle, ShiftHandle
+from paraflow.comm import Communicator, GatherHandle, SendHandle, ShiftHandle
 from paraflow.context import ParallelContext
 from paraflow.mesh import Layout
 
@@ -67,6 +67,17 @@ class PlannedComm(Communicator):
             return ShiftHandle([], tensor, None)
         self._count(tensor.numel() * tensor.element_size())
         return ShiftHandle([_Sent(tensor)], tensor.new_empty(tuple(recv_shape)), None)
+
+    def send_async(self, tensor: torch.Tensor, peer: int) -> SendHandle:
+        return SendHandle(_Sent(tensor), self._count(tensor.numel() * tensor.element_size()))
+
+    def recv(self, out: torch.Tensor, peer: int) -> torch.Tensor:
+        return out  # the sender books the bytes
+
+    def broadcast(self, tensor: torch.Tensor, source: int) -> torch.Tensor:
+        if self.world_size > 1 and self.rank == source:
+            self._count(tensor.numel() * tensor.element_size() * (self.world_size - 1))
+        return tensor
 
     def _member(self, members: Sequence[int], rank: int) -> PlannedComm:
         return PlannedComm(len(members), rank, parent=self,

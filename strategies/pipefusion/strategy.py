@@ -86,10 +86,6 @@ class PipeFusion(ReplicatedModel):
             stage_comm = dim_comm(ctx, mesh, "stage")
             self.cfg_comm = dim_comm(ctx, mesh, "cfg")
             self.parts, self.part = self.cfg_comm.world_size, self.cfg_comm.rank
-        if ctx.device.type == "meta" and stage_comm.world_size > 1:
-            raise ParaflowError("strategy pipefusion cannot be planned yet: the planner's "
-                                "stand-in communicator (paraflow/plan/planned.py) has no "
-                                "point-to-point sends between stages; run it and read run.json")
         self.replicas = DataReplicas.of(ctx, mesh)
         self._image_comm = replica
         self.state = PipeState(stage_comm, warmup_steps=self.warmup_steps)
