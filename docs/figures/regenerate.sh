@@ -15,6 +15,22 @@ plans() {
     python -m paraflow.plan model=flux_arch height=2048 width=2048 +strategy=$s \
       launcher.devices=8 --figure $F/plan_flux_2048_8_$s.md >/dev/null
   done
+  # the parallel toolbox (issue 26) at 2048² and 4096²: ring, USP 4×2, PipeFusion, sharded
+  # sync_patch, with sync_patch and Ulysses at 4096² beside them
+  local toolbox=("ring:+strategy=ring" "usp_4x2:+strategy=usp strategy.ulysses_degree=4 strategy.ring_degree=2"
+                 "pipefusion:+strategy=pipefusion"
+                 "sync_patch_sharded:+strategy=sync_patch strategy.shard_weights=true pipeline.stages.encode.offload=none")
+  for size in 2048 4096; do
+    for entry in "${toolbox[@]}"; do
+      # shellcheck disable=SC2086  # the overrides are words
+      python -m paraflow.plan model=flux_arch height=$size width=$size ${entry#*:} \
+        launcher.devices=8 --figure $F/plan_flux_${size}_8_${entry%%:*}.md >/dev/null
+    done
+  done
+  for s in sync_patch ulysses; do
+    python -m paraflow.plan model=flux_arch height=4096 width=4096 +strategy=$s \
+      launcher.devices=8 --figure $F/plan_flux_4096_8_$s.md >/dev/null
+  done
   local sdxl=(model=sdxl_arch height=3840 width=3840 launcher.accelerator=cuda plan_memory_gb=80
               pipeline.stages.denoise.precision=fp16 pipeline.stages.decode.precision=fp16)
   python -m paraflow.plan "${sdxl[@]}" --figure $F/plan_sdxl_3840_1.md >/dev/null
