@@ -115,6 +115,19 @@ class ParityReference(Protocol):
     def band_rows(self, cfg: DictConfig) -> list[int] | None: ...
 
 
+@runtime_checkable
+class PlanNotes(Protocol):
+    """For the planner: lines of the strategy's own figures beyond the plan's table (patch
+    strategies: sharded weights)."""
+
+    def plan_notes(self, cfg: DictConfig) -> list[str]: ...
+
+
+def plan_notes(strategy: Strategy, cfg: DictConfig) -> list[str]:
+    """The strategy's own lines for the plan, if it has any."""
+    return list(strategy.plan_notes(cfg)) if isinstance(strategy, PlanNotes) else []
+
+
 def image_ranks(strategy: Strategy, ctx: ParallelContext) -> Communicator | None:
     """The ranks that work on the same images as this one (StrategyBase.shared_image_comm);
     None where this rank's images are its own."""

@@ -18,6 +18,7 @@ from paraflow.plan.report import Plan, RankPlan
 from paraflow.plan.seats import Seat, seats
 from paraflow.plan.simulate import Inputs
 from paraflow.plan.weights import PHASES, Policy, module_bytes, stage_policies
+from paraflow.plugin import plan_notes
 from paraflow.run import expanded_prompts
 from paraflow.sizes import with_binned_size
 from paraflow.validate import model_factor, validate
@@ -106,12 +107,6 @@ def _cache_note(cache: PlannedCache) -> str:
                "the ranks sharing the image" if cache.decides else ""))
 
 
-def strategy_notes(strategy: Any, cfg: DictConfig) -> list[str]:
-    """What the strategy says of its plan beyond the table (an optional `plan_notes(cfg)`)."""
-    notes = getattr(strategy, "plan_notes", None)
-    return list(notes(cfg)) if notes is not None else []
-
-
 def make_plan(cfg: DictConfig) -> Plan:
     """The plan of `cfg` (composed as paraflow.api.compose does); the same checks as a run,
     except those against this machine's devices. No weights are loaded."""
@@ -186,7 +181,7 @@ def make_plan(cfg: DictConfig) -> Plan:
     ]
     if cache is not None:
         notes.append(_cache_note(cache))
-    notes += strategy_notes(strategy, cfg)
+    notes += plan_notes(strategy, cfg)  # the strategy's own figures (PlanNotes)
     if cpu and world_of(cfg) > 1 and _accelerator(cfg) == "auto":
         notes.append("planned for CPU ranks (launcher.accelerator=auto on a machine without "
                      "CUDA); add launcher.accelerator=cuda to plan GPUs")
