@@ -30,7 +30,14 @@ def applied_policy(
     finally:
         if Offload(spec.offload) is Offload.cpu:
             for module in modules:
-                module.to("cpu")
+                _move_device(module, torch.device("cpu"))
+
+
+def _move_device(module: torch.nn.Module, device: torch.device) -> None:
+    """Only when the module is elsewhere: a no-op move still swaps every parameter, which a
+    module sharded by FSDP2 refuses (its tied weights cannot be swapped)."""
+    if any(p.device != device for p in module.parameters()):
+        module.to(device)
 
 
 def _move(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:

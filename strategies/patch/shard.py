@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from enum import Enum
 from typing import Any
 
 import torch
@@ -33,17 +34,28 @@ from paraflow.models.components import TEXT_ENCODERS
 SHARDED = (*TEXT_ENCODERS, "unet", "transformer")  # the modules sharded, by component name
 
 
+def on_cpu(cfg: Any) -> bool:
+    """Whether the run's ranks compute on the CPU (where offload=cpu moves nothing)."""
+    wanted = str(getattr(cfg.launcher.accelerator, "value", cfg.launcher.accelerator))
+    return wanted == "cpu" or (wanted == "auto" and not torch.cuda.is_available())
+
+
 def check_sharding(cfg: Any) -> None:
     """Before any rank starts: a stage that runs a sharded module keeps it where it computes.
     FSDP places the chunks on the device the group's all-gathers run on; moving them after the
     stage (offload) fails (a tied weight, T5's embedding, cannot be swapped for its copy), and
-    running the stage elsewhere (placement) would split the group across devices."""
+    running the stage elsewhere (placement) would split the group across devices. On CPU ranks
+    offload moves nothing (the default encode stage's offload=cpu stays allowed there)."""
     from hydra.utils import get_class
 
+    offload_moves = not on_cpu(cfg)
     for name, spec in cfg.pipeline.stages.items():
         held = set(getattr(get_class(spec._target_), "components", ())) & set(SHARDED)
-        for key, value, allowed in (("offload", Offload(spec.offload), Offload.none),
-                                    ("placement", Placement(spec.placement), Placement.compute)):
+        checks: list[tuple[str, Enum, Enum]] = [
+            ("placement", Placement(spec.placement), Placement.compute)]
+        if offload_moves:
+            checks.append(("offload", Offload(spec.offload), Offload.none))
+        for key, value, allowed in checks:
             if held and value is not allowed:
                 raise ParaflowError(
                     f"pipeline.stages.{name}.{key}={value.value} with strategy.shard_weights="
