@@ -62,6 +62,8 @@ bench() {
   python -m paraflow.bench preset=accelerate +figure=$F/bench_accelerate.md >/dev/null
   python -m paraflow.bench preset=accelerate_dit +figure=$F/bench_accelerate_dit.md >/dev/null
   python -m paraflow.bench preset=accelerate_flux +figure=$F/bench_accelerate_flux.md >/dev/null
+  python -m paraflow.bench preset=parallel_pixart +figure=$F/bench_parallel_pixart.md >/dev/null
+  python -m paraflow.bench preset=parallel_flux +figure=$F/bench_parallel_flux.md >/dev/null
 }
 
 samples() {  # the default model's sample grids (docs/default_model.md), captions beside them
