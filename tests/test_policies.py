@@ -116,13 +116,23 @@ def _tracing(traces: list[StageTrace]) -> Any:
     def traced(spec: Any, modules: list[nn.Module],
                compute_device: torch.device) -> Iterator[tuple[torch.device, torch.dtype]]:
         moved: list[str] = []
+        move_device = policy._move_device
+
+        def asked(module: nn.Module, device: torch.device) -> None:
+            """The policy's offload asks for the move; on the CPU it then moves nothing (a
+            no-op move would swap every parameter, which FSDP2's sharded modules refuse)."""
+            moved.append(f"{type(module).__name__}->{device.type}")
+            move_device(module, device)
+
         try:
             with policy.applied_policy(spec, modules, compute_device) as (device, dtype):
                 inside = {type(m).__name__: _param_state(m) for m in modules}
                 for module in modules:  # from here on: the stage, then the policy's exit
                     module.__dict__["to"] = functools.partial(_spy_to, module, moved)
+                policy._move_device = asked  # type: ignore[assignment]
                 yield device, dtype
         finally:
+            policy._move_device = move_device  # type: ignore[assignment]
             for module in modules:
                 module.__dict__.pop("to", None)
         stage = str(spec._target_).rsplit(".", 1)[-1]
