@@ -202,9 +202,12 @@ def test_prometheus_scrapes_the_service(tmp_path: Path) -> None:
 
         def query(expr: str) -> list[dict[str, Any]]:
             try:
-                reply = httpx.get(f"{api}/query", params={"query": expr}, timeout=5).json()
+                answer = httpx.get(f"{api}/query", params={"query": expr}, timeout=5)
             except httpx.HTTPError:
                 return []
+            if answer.status_code == 503:  # still starting: "Service Unavailable", not JSON
+                return []
+            reply = answer.json()
             assert reply["status"] == "success", (expr, reply)
             return list(reply["data"]["result"])
 
