@@ -157,6 +157,11 @@ class Communicator:
         self._calls += 1
         return self.link.reserve(nbytes) if self.link is not None else None
 
+    def book(self, nbytes: float) -> None:
+        """Count `nbytes` a library sent over this communicator's group itself (FSDP2's
+        all-gathers, strategies/patch/shard.py), and wait them out on a modeled link."""
+        self._settle(self._count(nbytes))
+
     def _book_compiled(self) -> None:
         if self.parent is None and bool(self._compiled.any()):
             nbytes, calls = self._compiled.tolist()

@@ -131,7 +131,7 @@ def _book(comm: Communicator, params: list[nn.Parameter]) -> Any:
     the communicator, and run.json's bytes (and the planner's check against them) include
     them this way."""
     def hook(module: nn.Module, args: Any) -> None:
-        comm._settle(comm._count(gather_bytes(params, comm.world_size)))  # noqa: SLF001
+        comm.book(gather_bytes(params, comm.world_size))
     return hook
 
 
@@ -196,7 +196,7 @@ class MetaShard:
             setattr(owner, name, by_id[id(p)])
 
     def gather(self, module: nn.Module, args: Any) -> None:
-        self.comm._count(gather_bytes(self.params, self.comm.world_size))  # noqa: SLF001
+        self.comm.book(gather_bytes(self.params, self.comm.world_size))
         # The replay counts tensors by the objects ops return: hold those, not only the
         # Parameters wrapping them, until the unit is done.
         self.whole = {id(p): torch.empty_like(p) for p in self.params}
